@@ -275,8 +275,9 @@ def parse_config(raw: Any, source: str = "<dict>") -> ModelConfig:
     if "time_step_limit" in vals:
         lim = vals["time_step_limit"]
         try:
-            lo, hi = (float(x) for x in lim)
-        except (TypeError, ValueError):
+            # transformers 5 writes infinity as {"__float__": "Infinity"}; others write "inf" or Infinity
+            lo, hi = (float(x["__float__"] if isinstance(x, dict) else x) for x in lim)
+        except (TypeError, ValueError, KeyError):
             raise ConfigError(f"{source}: field 'time_step_limit' must be a pair of numbers, got {lim!r}") from None
         vals["time_step_limit"] = (lo, hi)
     if isinstance(vals.get("eos_token_id"), list):

@@ -1,0 +1,342 @@
+"""The PyTorch executor: runs the IR on CPU or CUDA in float64, float32, bfloat16 and float16.
+
+It follows the model's precision rules (see ../shared/model-facts.md and nemoh.oracle): hidden
+states and matmuls at the compute dtype; RMSNorm, the gated norm, the SSM (state kept in fp32),
+the router and the attention softmax in fp32 (fp64 when computing in fp64). It is measured against
+nemoh.oracle op by op; unlike the oracle it is vectorised: chunked SSD with batched chunks, the
+single-token state update for decode, experts dispatched by token groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from nemoh.backend import Support
+from nemoh.ir import OP_KINDS, Graph, Layer
+from nemoh.weights import TORCH_DTYPES, Checkpoint
+
+
+@dataclass
+class TorchState:
+    conv: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, C, K-1], pre-conv inputs
+    ssm: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, H, P, N], fp32
+    k: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, S, KV, Dh]
+    v: dict[int, torch.Tensor] = field(default_factory=dict)
+    mask: torch.Tensor | None = None  # [B, S] bool, True for real tokens
+    batch: int = 1
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def segsum(a: torch.Tensor) -> torch.Tensor:
+    """a [..., l] -> [..., l, l] with out[t, s] = a[s+1] + ... + a[t] for s <= t, -inf above.
+
+    Built from a masked cumulative sum rather than cum[t] - cum[s]: no cancellation between two
+    large cumulative sums, so the decays stay accurate in fp32 over long chunks.
+    """
+    l = a.shape[-1]
+    strict = torch.ones(l, l, dtype=torch.bool, device=a.device).tril(-1)
+    x = torch.cumsum(a[..., None].expand(*a.shape, l).masked_fill(~strict, 0), dim=-2)  # x[t, s], t > s
+    return x.masked_fill(~torch.ones(l, l, dtype=torch.bool, device=a.device).tril(), float("-inf"))
+
+
+def ssd_prefill(x, dt, A, B, C, D, s0, chunk: int):
+    """Chunked SSD. x [b, T, H, P], dt [b, T, H] discretised, A [H] (negative), B/C [b, T, H, N]
+    (already expanded to heads), D [H], s0 [b, H, P, N] -> y [b, T, H, P], final state."""
+    b, T, H, P = x.shape
+    N = B.shape[-1]
+    pad = (-T) % chunk
+    if pad:  # zero dt and x: padded positions neither decay nor feed the state
+        x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+    nc = x.shape[1] // chunk
+    x, dt, B, C = (t.reshape(b, nc, chunk, *t.shape[2:]) for t in (x, dt, B, C))
+    dA = (dt * A).permute(0, 1, 3, 2)  # [b, c, H, l]
+    cum = torch.cumsum(dA, dim=-1)  # [b, c, H, l]
+    xdt = x * dt[..., None]  # [b, c, l, H, P]
+    # within each chunk: decayed, masked C.B "attention"
+    Lmat = torch.exp(segsum(dA))  # [b, c, H, l, l]
+    scores = torch.einsum("bclhn,bcshn->bchls", C, B) * Lmat
+    y = torch.einsum("bchls,bcshp->bclhp", scores, xdt)
+    # each chunk's own contribution to the state at its end
+    to_end = torch.exp(cum[..., -1:] - cum)  # [b, c, H, l]
+    chunk_states = torch.einsum("bclhn,bchl,bclhp->bchpn", B, to_end, xdt)
+    # carry the state across chunks (few chunks: a plain loop is clear and cheap)
+    starts = []
+    s = s0
+    chunk_decay = torch.exp(cum[..., -1])  # [b, c, H]
+    for c in range(nc):
+        starts.append(s)
+        s = chunk_decay[:, c, :, None, None] * s + chunk_states[:, c]
+    start = torch.stack(starts, dim=1)  # [b, c, H, P, N]
+    y = y + torch.einsum("bclhn,bchpn->bclhp", C, start) * torch.exp(cum).permute(0, 1, 3, 2)[..., None]
+    y = y + D[:, None] * x
+    return y.reshape(b, nc * chunk, H, P)[:, :T], s
+
+
+def ssd_step(x, dt, A, B, C, D, s):
+    """One token. x [b, H, P], dt [b, H], B/C [b, H, N], s [b, H, P, N] -> y [b, H, P], new state."""
+    s = torch.exp(dt * A)[..., None, None] * s + (dt[..., None] * x)[..., None] * B[:, :, None, :]
+    y = torch.einsum("bhpn,bhn->bhp", s, C) + D[:, None] * x
+    return y, s
+
+
+class TorchBackend:
+    """Implements nemoh.backend.Backend with plain PyTorch."""
+
+    name = "torch"
+
+    def __init__(self) -> None:
+        self.graph: Graph | None = None
+        self.p: dict[str, torch.Tensor] = {}
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+
+    # -- capabilities -------------------------------------------------------------------------
+    def available(self) -> Support:
+        return Support.yes()
+
+    def supports(self, op_kind: str, dtype: str) -> Support:
+        if op_kind not in OP_KINDS:
+            return Support.no(f"unknown op kind {op_kind!r}")
+        if dtype not in TORCH_DTYPES:
+            return Support.no(f"dtype {dtype} is not one of {', '.join(TORCH_DTYPES)}")
+        return Support.yes()
+
+    def describe(self) -> dict[str, Any]:
+        d = {"backend": self.name, "device": str(self.device), "torch": torch.__version__,
+             "dtype": str(self.dtype).removeprefix("torch.")}
+        if self.device.type == "cuda":
+            d["device_name"] = torch.cuda.get_device_name(self.device)
+        return d
+
+    # -- loading ------------------------------------------------------------------------------
+    def load(self, graph: Graph, checkpoint: Checkpoint, *, device: str | None = None) -> None:
+        self.graph = graph
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = TORCH_DTYPES[graph.dtype]
+        self.p = {k: v.to(self.device) for k, v in checkpoint.load(graph).items()}
+        self.acc = _acc(self.dtype)
+        # derived once: A = -exp(A_log) exactly once, in the accumulation dtype
+        self.A = {l.index: -torch.exp(self.p[f"layers.{l.index}.mixer.A_log"].to(self.acc))
+                  for l in graph.layers if l.kind == "mamba"}
+
+    def read_param(self, name: str) -> torch.Tensor:
+        return self.p[name].detach().cpu().clone()
+
+    # -- state --------------------------------------------------------------------------------
+    def new_state(self, batch: int) -> TorchState:
+        g = self.graph
+        st = TorchState(batch=batch, mask=torch.zeros(batch, 0, dtype=torch.bool, device=self.device))
+        for l in g.layers:
+            for s in l.states:
+                if s.kind == "conv":
+                    st.conv[l.index] = torch.zeros(batch, *s.shape, dtype=TORCH_DTYPES[s.dtype], device=self.device)
+                elif s.kind == "ssm":
+                    st.ssm[l.index] = torch.zeros(batch, *s.shape, dtype=TORCH_DTYPES[s.dtype], device=self.device)
+                else:
+                    getattr(st, s.kind)[l.index] = torch.zeros(batch, 0, *s.shape, dtype=TORCH_DTYPES[s.dtype],
+                                                               device=self.device)
+        return st
+
+    def copy_state(self, state: TorchState) -> TorchState:
+        return TorchState(**{k: {i: t.clone() for i, t in v.items()} for k, v in
+                             (("conv", state.conv), ("ssm", state.ssm), ("k", state.k), ("v", state.v))},
+                          mask=state.mask.clone(), batch=state.batch)
+
+    def export_state(self, state: TorchState) -> dict[str, torch.Tensor]:
+        out = {"mask": state.mask.to(torch.int64).cpu()}
+        for kind in ("conv", "ssm", "k", "v"):
+            for i, t in getattr(state, kind).items():
+                out[f"layers.{i}.{kind}"] = t.cpu()
+        return out
+
+    def import_state(self, tensors: dict[str, torch.Tensor]) -> TorchState:
+        mask = tensors["mask"].to(self.device).bool()
+        st = TorchState(mask=mask, batch=mask.shape[0])
+        for name, t in tensors.items():
+            if name == "mask":
+                continue
+            _, i, kind = name.split(".")
+            getattr(st, kind)[int(i)] = t.to(self.device).clone()
+        return st
+
+    # -- compute ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, state: TorchState, ids: torch.Tensor, mask: torch.Tensor | None = None, *,
+                last_only: bool = False, trace: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        g = self.graph
+        ids = ids.to(self.device)
+        B, T = ids.shape
+        m = torch.ones(B, T, dtype=torch.bool, device=self.device) if mask is None else mask.to(self.device).bool()
+        pad = None if bool(m.all()) else m[..., None]
+        key_mask = torch.cat([state.mask, m], dim=1)
+        rec = (lambda name, v: trace.__setitem__(name, v)) if trace is not None else (lambda name, v: None)
+
+        x = self.p["embeddings.weight"][ids]
+        rec("embeddings", x)
+        for layer in g.layers:
+            i = layer.index
+            norm = layer.ops[0]
+            h = self._rmsnorm(x, self.p[f"layers.{i}.norm.weight"], norm.a["eps"])
+            rec(norm.name, h)
+            if layer.kind == "mamba":
+                out = self._mamba(layer, h, state, pad, rec)
+            elif layer.kind == "attention":
+                out = self._attention(layer, h, state, key_mask, rec)
+            elif layer.kind == "mlp":
+                out = self._mlp(f"layers.{i}.mixer.", h, rec)
+            else:
+                out = self._moe(layer, h, rec)
+            x = x + out
+            rec(f"layers.{i}.residual", x)
+            rec(f"layers.{i}", x)
+        state.mask = key_mask
+        if last_only:
+            x = x[:, -1:]
+        h = self._rmsnorm(x, self.p["norm_f.weight"], g.head.ops[0].a["eps"])
+        rec("norm_f", h)
+        logits = F.linear(h, self.p["lm_head.weight"])
+        rec("lm_head", logits)
+        return logits.to(torch.float64 if self.dtype == torch.float64 else torch.float32).cpu()
+
+    def _rmsnorm(self, x, w, eps):
+        xf = x.to(self.acc)
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return (w.to(self.acc) * y).to(x.dtype)
+
+    def _linear(self, name: str, x):
+        return F.linear(x, self.p[f"{name}.weight"], self.p.get(f"{name}.bias"))
+
+    def _mamba(self, layer: Layer, h, state: TorchState, pad, rec):
+        i, pre = layer.index, f"layers.{layer.index}.mixer."
+        ops = {o.name.removeprefix(pre): o for o in layer.ops}
+        a = ops["ssd"].a
+        H, P, G, N = a["heads"], a["head_dim"], a["groups"], a["state_size"]
+        Bsz, T, _ = h.shape
+        if pad is not None:
+            h = h * pad
+        zxbcdt = self._linear(pre + "in_proj", h)
+        rec(pre + "in_proj", zxbcdt)
+        z, xBC, dt = torch.split(zxbcdt, list(ops["split_zxbcdt"].a["sizes"]), dim=-1)
+        # conv over [carried K-1 inputs | new inputs]; the new state is the last K-1 *inputs*
+        if pad is not None:
+            xBC = xBC * pad
+        full = torch.cat([state.conv[i], xBC.transpose(1, 2)], dim=-1)  # [B, C, K-1+T]
+        state.conv[i] = full[:, :, -(ops["conv1d"].a["kernel"] - 1):].clone()
+        w = self.p[pre + "conv1d.weight"]
+        xBC = F.silu(F.conv1d(full, w, self.p.get(pre + "conv1d.bias"), groups=w.shape[0])).transpose(1, 2)
+        if pad is not None:
+            xBC = xBC * pad
+        rec(pre + "conv1d", xBC)
+        xs, Bm, Cm = torch.split(xBC, list(ops["split_xbc"].a["sizes"]), dim=-1)
+        # SSM in fp32 (fp64 for fp64)
+        acc = self.acc
+        dtd = F.softplus(dt.to(acc) + self.p[pre + "dt_bias"].to(acc))
+        dtd = dtd.clamp(min=a["dt_min"], max=a["dt_max"] if a["dt_max"] is not None else float("inf"))
+        xs = xs.reshape(Bsz, T, H, P).to(acc)
+        Bm = Bm.reshape(Bsz, T, G, N).to(acc).repeat_interleave(H // G, dim=2)  # contiguous heads per group
+        Cm = Cm.reshape(Bsz, T, G, N).to(acc).repeat_interleave(H // G, dim=2)
+        A, D = self.A[i], self.p[pre + "D"].to(acc)
+        s0 = state.ssm[i].to(acc)
+        if T == 1:
+            y, s = ssd_step(xs[:, 0], dtd[:, 0], A, Bm[:, 0], Cm[:, 0], D, s0)
+            y = y[:, None]
+        else:
+            y, s = ssd_prefill(xs, dtd, A, Bm, Cm, D, s0, a["chunk_size"])
+        state.ssm[i] = s.to(state.ssm[i].dtype)
+        y = y.reshape(Bsz, T, H * P)
+        rec(pre + "ssd", y)
+        # gated RMSNorm: gate first, then normalise each group of contiguous channels
+        gs = ops["gated_norm"].a["group_size"]
+        v = y * F.silu(z.to(acc))
+        v = v.unflatten(-1, (-1, gs))
+        v = (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + ops["gated_norm"].a["eps"])).flatten(-2)
+        yn = (self.p[pre + "norm.weight"].to(acc) * v).to(self.dtype)
+        rec(pre + "gated_norm", yn)
+        out = self._linear(pre + "out_proj", yn)
+        rec(pre + "out_proj", out)
+        return out
+
+    def _attention(self, layer: Layer, h, state: TorchState, key_mask, rec):
+        i, pre = layer.index, f"layers.{layer.index}.mixer."
+        a = next(o for o in layer.ops if o.kind == "attention").a
+        Q, KV, Dh = a["heads"], a["kv_heads"], a["head_dim"]
+        Bsz, T, _ = h.shape
+        q = self._linear(pre + "q_proj", h).view(Bsz, T, Q, Dh)
+        k = self._linear(pre + "k_proj", h).view(Bsz, T, KV, Dh)
+        v = self._linear(pre + "v_proj", h).view(Bsz, T, KV, Dh)
+        state.k[i] = k = torch.cat([state.k[i], k], dim=1)
+        state.v[i] = v = torch.cat([state.v[i], v], dim=1)
+        S_all = k.shape[1]
+        pos = torch.arange(S_all, device=h.device)
+        visible = (pos[None, :] <= pos[S_all - T:, None])[None, None] & key_mask[:, None, None, :]  # [B,1,T,S]
+        has_key = visible.any(-1, keepdim=True)
+        visible = visible | ~has_key  # a padding query row with nothing to see: keep it finite, zero it below
+        acc = self.acc
+        o = F.scaled_dot_product_attention(q.transpose(1, 2).to(acc), k.transpose(1, 2).to(acc),
+                                           v.transpose(1, 2).to(acc), attn_mask=visible, scale=a["scale"],
+                                           enable_gqa=True)  # [B, Q, T, Dh]
+        o = (o * has_key).transpose(1, 2).reshape(Bsz, T, Q * Dh).to(self.dtype)
+        rec(pre + "attention", o)
+        out = self._linear(pre + "o_proj", o)
+        rec(pre + "o_proj", out)
+        return out
+
+    def _mlp(self, pre: str, h, rec):
+        u = self._linear(pre + "up_proj", h)
+        rec(pre + "up_proj", u)
+        out = self._linear(pre + "down_proj", torch.relu(u).square())
+        rec(pre + "down_proj", out)
+        return out
+
+    def _moe(self, layer: Layer, h, rec):
+        i, pre = layer.index, f"layers.{layer.index}.mixer."
+        a = next(o for o in layer.ops if o.kind == "moe_router").a
+        acc = self.acc
+        shape = h.shape
+        hf = h.reshape(-1, shape[-1])
+        scores = torch.sigmoid(hf.to(acc) @ self.p[pre + "gate.weight"].to(acc).T)  # [M, E]
+        choice = scores + self.p[pre + "gate.e_score_correction_bias"].to(acc)
+        M, E = choice.shape
+        ng, per = a["n_group"], E // a["n_group"]
+        if ng > 1:
+            gscore = choice.view(M, ng, per).topk(min(2, per), dim=-1).values.sum(-1)
+            keep = torch.zeros(M, ng, dtype=torch.bool, device=h.device)
+            keep.scatter_(1, gscore.topk(a["topk_group"], dim=-1).indices, True)
+            choice = choice.masked_fill(~keep.repeat_interleave(per, dim=1), float("-inf"))
+        idx = choice.topk(a["top_k"], dim=-1).indices  # [M, k]
+        w = scores.gather(1, idx)
+        if a["norm_topk_prob"]:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        w = w * a["routed_scaling_factor"]
+        rec(pre + "router", w)
+        x = self._linear(pre + "fc1_latent_proj", hf) if pre + "fc1_latent_proj.weight" in self.p else hf
+        up, down = self.p[pre + "experts.up_proj"], self.p[pre + "experts.down_proj"]
+        routed = torch.zeros(x.shape, dtype=acc, device=h.device)
+        flat_e = idx.reshape(-1)
+        order = torch.argsort(flat_e, stable=True)
+        counts = torch.bincount(flat_e, minlength=E).tolist()
+        tok = order // idx.shape[1]
+        wt = w.reshape(-1)[order]
+        start = 0
+        for e, n in enumerate(counts):  # tokens grouped per expert: one matmul pair per used expert
+            if n:
+                t = tok[start:start + n]
+                ye = F.linear(torch.relu(F.linear(x[t], up[e])).square(), down[e])
+                routed.index_add_(0, t, ye.to(acc) * wt[start:start + n, None])
+                start += n
+        routed = routed.to(self.dtype)
+        rec(pre + "experts", routed.view(*shape[:-1], -1))
+        if pre + "fc2_latent_proj.weight" in self.p:
+            routed = self._linear(pre + "fc2_latent_proj", routed)
+        out = routed.view(shape)
+        if pre + "shared_experts.up_proj.weight" in self.p:
+            out = out + self._mlp(pre + "shared_experts.", h, rec)  # on the original hidden state
+        rec(pre + "combine", out)
+        return out

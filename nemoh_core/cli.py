@@ -1,0 +1,176 @@
+"""The `nemoh` command line.
+
+Exit codes: 0 success, 1 a check failed, 2 bad input or usage (one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import NemohError
+
+
+def _config_for(model: str):
+    """The ModelConfig of a checkpoint directory, a config.json, or a preset (no weights needed)."""
+    from .config import load_config, parse_config
+    from .presets import PRESETS
+
+    p = Path(model)
+    if p.exists():
+        return load_config(p)
+    if model in PRESETS:
+        return parse_config(PRESETS[model].config, f"preset {model}")
+    from .presets import resolve_model
+
+    return load_config(resolve_model(model))  # raises the did-you-mean error
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .ir import build_graph
+
+    config = _config_for(args.model)
+    g = build_graph(config, args.dtype)
+    if args.ir:
+        print(g.to_text())
+        return 0
+    if args.ir_json:
+        print(g.dumps())
+        return 0
+    layers = [{"index": l.index, "kind": l.kind, "params": l.param_count,
+               "state_bytes_per_sequence": sum(s.nbytes for s in l.states if not s.per_token),
+               "state_bytes_per_token": sum(s.nbytes for s in l.states if s.per_token)} for l in g.layers]
+    summary = {
+        "model": args.model, "source": config.source, "dtype": g.dtype, "pattern": config.pattern,
+        "num_layers": config.num_layers, "layers": layers,
+        "params_total": g.params_total, "params_by_kind": g.params_by_kind(),
+        "state_bytes_per_sequence": g.state_bytes_per_sequence,
+        "state_bytes_per_token": g.state_bytes_per_token,
+        "sizes": {"hidden_size": config.hidden_size, "d_inner": config.d_inner, "conv_dim": config.conv_dim,
+                  "mamba_heads": config.mamba_num_heads, "mamba_head_dim": config.mamba_head_dim,
+                  "n_groups": config.n_groups, "ssm_state_size": config.ssm_state_size,
+                  "attention_heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
+                  "attention_head_dim": config.head_dim, "chunk_size": config.chunk_size,
+                  "vocab_size": config.vocab_size},
+    }
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return 0
+    print(f"{args.model}: {config.num_layers} layers  {config.pattern}  dtype={g.dtype}")
+    s = summary["sizes"]
+    print(f"  D={s['hidden_size']} d_inner={s['d_inner']} conv_dim={s['conv_dim']} H={s['mamba_heads']} "
+          f"P={s['mamba_head_dim']} G={s['n_groups']} N={s['ssm_state_size']} chunk={s['chunk_size']} | "
+          f"attn Q={s['attention_heads']} KV={s['kv_heads']} Dh={s['attention_head_dim']} | V={s['vocab_size']}")
+    print(f"\n  {'layer':>5}  {'kind':<10} {'params':>16}  {'state/seq':>12}  {'state/token':>12}")
+    for l in layers:
+        print(f"  {l['index']:>5}  {l['kind']:<10} {l['params']:>16,}  "
+              f"{_human(l['state_bytes_per_sequence']) if l['state_bytes_per_sequence'] else '':>12}  "
+              f"{_human(l['state_bytes_per_token']) if l['state_bytes_per_token'] else '':>12}")
+    print("\n  params by kind:")
+    for k, v in summary["params_by_kind"].items():
+        print(f"    {k:<10} {v:>16,}")
+    print(f"  params total:  {g.params_total:,}")
+    print(f"  state per sequence (conv + ssm): {_human(g.state_bytes_per_sequence)} "
+          f"({g.state_bytes_per_sequence:,} bytes)")
+    print(f"  state per token of context (kv): {_human(g.state_bytes_per_token)} "
+          f"({g.state_bytes_per_token:,} bytes)")
+    return 0
+
+
+def cmd_make_model(args: argparse.Namespace) -> int:
+    from .presets import write_checkpoint
+
+    out = write_checkpoint(args.preset, args.out, seed=args.seed, max_shard_size=args.max_shard_size)
+    print(f"wrote {args.preset} to {out}")
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from .config import parse_config
+    from .ir import build_graph
+    from .presets import PRESETS
+
+    for name, p in PRESETS.items():
+        g = build_graph(parse_config(p.config, name), "float32")
+        print(f"{name:<18} {g.config.pattern:<12} {g.params_total:>10,} params  {p.description}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .runtime import greedy_generate, open_model
+    from .tokenizer import load_tokenizer
+
+    m = open_model(args.model, args.backend, args.dtype, args.device)
+    tok = load_tokenizer(m.path)
+    ids = tok.encode(args.prompt)
+    toks, _ = greedy_generate(m, [ids], args.max_new_tokens)
+    print(args.prompt + tok.decode(toks[0].tolist()))
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse would print the usage too)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="nemoh", description="Conformance and benchmarking for Nemotron-H executors.")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=_Parser)
+    dtypes = ["float64", "float32", "bfloat16", "float16"]
+
+    p = sub.add_parser("inspect", help="layer table, parameter count and state sizes of a model")
+    p.add_argument("model", help="checkpoint directory, config.json, or preset name")
+    p.add_argument("--dtype", choices=dtypes, help="compute dtype for byte counts (default: the config's)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.add_argument("--ir", action="store_true", help="print the graph IR as text")
+    g.add_argument("--ir-json", action="store_true", help="print the graph IR as JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("make-model", help="write a tiny random-weight checkpoint from a preset")
+    p.add_argument("--preset", required=True)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-shard-size", help="e.g. 50KB: write a sharded checkpoint with an index")
+    p.set_defaults(func=cmd_make_model)
+
+    p = sub.add_parser("presets", help="list the built-in model presets")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("generate", help="greedy text generation with a backend")
+    p.add_argument("model")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("-n", "--max-new-tokens", type=int, default=16)
+    p.add_argument("--backend", default="torch")
+    p.add_argument("--dtype", choices=dtypes)
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_generate)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except NemohError as e:
+        print(f"nemoh: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nemoh: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -39,7 +39,11 @@ LIST_NAMES = {
     "moe": "moe",
 }
 
-# Legacy spelling -> canonical key. The canonical key wins when both are present.
+# Legacy spelling -> canonical key. Priority when both spellings are present follows transformers:
+# it pops the `mamba_*` keys over the canonical field (legacy wins), and does not know the last three
+# at all (canonical wins).
+LEGACY_WINS = {"mamba_n_groups", "mamba_d_conv", "mamba_expand", "mamba_chunk_size", "mamba_conv_bias",
+               "mamba_dt_min", "mamba_dt_max", "mamba_dt_limit", "mamba_dt_init_floor"}
 ALIASES = {
     "mamba_n_groups": "n_groups",
     "mamba_d_conv": "conv_kernel",
@@ -264,8 +268,13 @@ def parse_config(raw: Any, source: str = "<dict>") -> ModelConfig:
     fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"layer_types", "source"}
     for key, value in raw.items():
         canon = ALIASES.get(key, key)
-        if canon in fields and not (canon != key and canon in raw):
-            vals[canon] = value
+        if canon not in fields:
+            continue
+        if canon != key and canon in raw and key not in LEGACY_WINS:
+            continue  # canonical spelling present and preferred
+        if canon == key and any(raw_key in raw for raw_key in LEGACY_WINS if ALIASES[raw_key] == canon):
+            continue  # a mamba_* legacy spelling overrides it, as in transformers
+        vals[canon] = value
     if "dtype" in raw and "torch_dtype" not in raw:
         vals["torch_dtype"] = raw["dtype"]
     for name in list(vals):

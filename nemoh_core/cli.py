@@ -110,12 +110,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .runtime import greedy_generate, open_model
     from .tokenizer import load_tokenizer
 
+    if (args.prompt is None) == (args.ids is None):
+        raise NemohError("give exactly one of --prompt TEXT or --ids 1,2,3")
     m = open_model(args.model, args.backend, args.dtype, args.device)
+    if args.ids is not None:
+        try:
+            ids = [int(x) for x in args.ids.split(",")]
+        except ValueError:
+            raise NemohError(f"--ids must be comma-separated integers, got {args.ids!r}") from None
+        toks, _ = greedy_generate(m, [ids], args.max_new_tokens)
+        print(",".join(str(t) for t in toks[0].tolist()))
+        return 0
     tok = load_tokenizer(m.path)
-    ids = tok.encode(args.prompt)
-    toks, _ = greedy_generate(m, [ids], args.max_new_tokens)
+    toks, _ = greedy_generate(m, [tok.encode(args.prompt)], args.max_new_tokens)
     print(args.prompt + tok.decode(toks[0].tolist()))
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Load a checkpoint on a backend and check every tensor it holds is bit-equal to the file."""
+    from .runtime import open_model
+
+    m = open_model(args.model, args.backend, args.dtype, args.device)
+    for n in m.checkpoint.notices:
+        print(f"note: {n}")
+    loaded = {t.name: m.backend.read_param(t.name) for t in m.graph.params}
+    bad = m.checkpoint.mismatches(loaded)
+    print(f"{len(loaded) - len(bad)}/{len(loaded)} tensors bit-equal to {m.path} "
+          f"(backend {m.backend.name}, dtype {m.graph.dtype})")
+    for name in bad:
+        print(f"MISMATCH {name}")
+    return 1 if bad else 0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -149,12 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="greedy text generation with a backend")
     p.add_argument("model")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", help="text, tokenised with the checkpoint's own tokenizer")
+    p.add_argument("--ids", help="token ids instead of text, e.g. 1,45,300 (prints ids)")
     p.add_argument("-n", "--max-new-tokens", type=int, default=16)
     p.add_argument("--backend", default="torch")
     p.add_argument("--dtype", choices=dtypes)
     p.add_argument("--device")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("verify", help="check every loaded tensor is bit-equal to the checkpoint file")
+    p.add_argument("model")
+    p.add_argument("--backend", default="torch")
+    p.add_argument("--dtype", choices=dtypes, help="load at this dtype (compared with the file cast to it)")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_verify)
     return ap
 
 

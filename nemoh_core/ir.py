@@ -264,7 +264,8 @@ def _mamba(b: _Builder, c: ModelConfig) -> None:
          activation="silu")
     b.op(f"{m}split_xbc", "split", ["xBC_c"], ["xs", "B", "C"], sizes=[c.d_inner, G * N, G * N])
     ssm = [b.p(f"{m}A_log", (H,)), b.p(f"{m}D", (H,)), b.p(f"{m}dt_bias", (H,))]
-    st_ssm = b.s("ssm", "ssm", (H, P, N), c.mamba_ssm_cache_dtype)
+    # the SSM state is kept in mamba_ssm_cache_dtype (fp32); an fp64 reference run keeps it in fp64
+    st_ssm = b.s("ssm", "ssm", (H, P, N), "float64" if b.dtype == "float64" else c.mamba_ssm_cache_dtype)
     lo, hi = c.time_step_limit
     b.op(f"{m}ssd", "ssd_scan", ["xs", "dt", "B", "C"], ["y"], ssm, [st_ssm], heads=H, head_dim=P, groups=G,
          state_size=N, chunk_size=c.chunk_size, dt_min=lo, dt_max=None if hi == float("inf") else hi)

@@ -22,7 +22,7 @@ class Tokenizer:
             raise NemohError(f"{f}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._tok.encode(text).ids  # with the checkpoint's own special tokens (e.g. <s>)
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)

@@ -1,0 +1,40 @@
+"""The independent reference: transformers' own NemotronHForCausalLM, loaded offline.
+
+transformers departs from the model's intended math in one known way (see model-facts):
+its Mamba mixer sets `time_step_limit = (time_step_min, inf)`, so its chunked (prefill) path clamps
+dt at time_step_min while its single-token decode path does not clamp. `load_reference(...,
+intended=True)` removes that clamp (sets each mixer's limit back to the config's
+`time_step_limit`), giving the intended semantics that nemoh's oracle and executors implement;
+`intended=False` keeps transformers exactly as shipped.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .weights import TORCH_DTYPES
+
+
+def load_reference(path: str | Path, dtype: str = "float32", *, intended: bool = True):
+    """transformers' model for the checkpoint at `path`, in eval mode, never touching the network."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import NemotronHForCausalLM
+
+    # eager experts: the grouped-mm kernel has no fp64 path; eager attention for fp64 too
+    model = NemotronHForCausalLM.from_pretrained(
+        str(path), dtype=TORCH_DTYPES[dtype], experts_implementation="eager", attn_implementation="eager",
+        trust_remote_code=False, local_files_only=True).eval()
+    if intended:
+        limit = tuple(float(x) for x in model.config.time_step_limit)
+        for layer in model.model.layers:
+            if hasattr(layer.mixer, "time_step_limit"):
+                layer.mixer.time_step_limit = limit
+    return model
+
+
+@torch.inference_mode()
+def reference_logits(model, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    return model(input_ids=ids, attention_mask=mask).logits

@@ -50,7 +50,6 @@ def ssd_prefill(x, dt, A, B, C, D, s0, chunk: int):
     """Chunked SSD. x [b, T, H, P], dt [b, T, H] discretised, A [H] (negative), B/C [b, T, H, N]
     (already expanded to heads), D [H], s0 [b, H, P, N] -> y [b, T, H, P], final state."""
     b, T, H, P = x.shape
-    N = B.shape[-1]
     pad = (-T) % chunk
     if pad:  # zero dt and x: padded positions neither decay nor feed the state
         x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
@@ -296,7 +295,7 @@ class TorchBackend:
         return out
 
     def _moe(self, layer: Layer, h, rec):
-        i, pre = layer.index, f"layers.{layer.index}.mixer."
+        pre = f"layers.{layer.index}.mixer."
         a = next(o for o in layer.ops if o.kind == "moe_router").a
         acc = self.acc
         shape = h.shape

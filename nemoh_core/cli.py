@@ -113,6 +113,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if (args.prompt is None) == (args.ids is None):
         raise NemohError("give exactly one of --prompt TEXT or --ids 1,2,3")
     m = open_model(args.model, args.backend, args.dtype, args.device)
+    for n in m.checkpoint.notices:
+        print(f"note: {n}", file=sys.stderr)
     if args.ids is not None:
         try:
             ids = [int(x) for x in args.ids.split(",")]

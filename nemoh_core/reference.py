@@ -6,6 +6,11 @@ dt at time_step_min while its single-token decode path does not clamp. `load_ref
 intended=True)` removes that clamp (sets each mixer's limit back to the config's
 `time_step_limit`), giving the intended semantics that nemoh's oracle and executors implement;
 `intended=False` keeps transformers exactly as shipped.
+
+A second quirk, seen with transformers 5.23: in float64 with `attn_implementation="eager"`, a
+left-padded row comes out NaN at its real tokens too (the fully masked padding queries produce NaN,
+and the Mamba layers carry it forward since NaN * 0 = NaN). SDPA attention does not; this loader
+uses SDPA.
 """
 
 from __future__ import annotations
@@ -23,9 +28,9 @@ def load_reference(path: str | Path, dtype: str = "float32", *, intended: bool =
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import NemotronHForCausalLM
 
-    # eager experts: the grouped-mm kernel has no fp64 path; eager attention for fp64 too
+    # eager experts: the grouped-mm kernel has no fp64 path
     model = NemotronHForCausalLM.from_pretrained(
-        str(path), dtype=TORCH_DTYPES[dtype], experts_implementation="eager", attn_implementation="eager",
+        str(path), dtype=TORCH_DTYPES[dtype], experts_implementation="eager", attn_implementation="sdpa",
         trust_remote_code=False, local_files_only=True).eval()
     if intended:
         limit = tuple(float(x) for x in model.config.time_step_limit)

@@ -98,3 +98,14 @@ def test_registry():
         get_backend("nemoh.backends.torch_backend:Nope")
     with pytest.raises(NemohError, match="does not implement the nemoh backend protocol"):
         get_backend("collections:OrderedDict")
+
+
+def test_capability_query():
+    from nemoh.ir import OP_KINDS
+
+    be = get_backend("torch")
+    assert be.available().ok
+    assert all(be.supports(op, dt).ok for op in OP_KINDS for dt in ("float64", "float32", "bfloat16", "float16"))
+    assert not be.supports("rotary_embedding", "float32").ok
+    no = be.supports("linear", "float8_e4m3")
+    assert not no.ok and "float8_e4m3" in no.reason

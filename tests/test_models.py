@@ -247,3 +247,15 @@ def test_cli_generate_text_round_trip(capsys):
     assert main(["generate", "tiny-moe", "--prompt", "Two plus two is", "-n", "5"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("Two plus two is") and len(out) > len("Two plus two is")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_left_padded_batch_matches_transformers(name):
+    ids = prompt(2, 64, seed=7).clone()
+    mask = torch.ones_like(ids)
+    mask[1, :20] = 0
+    ids[1, :20] = 0
+    out = model(name, "float32").session(2).forward(ids, mask)
+    ref = reference_logits(load_reference(resolve_model(name), "float32", intended=True), ids, mask)
+    real = mask.bool()
+    assert_close(out[real], ref[real], "logits_rel_max_abs", "float32", f"{name} padded batch vs transformers")

@@ -25,13 +25,16 @@ TORCH_DTYPES = {
     "float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
 }
 
+# safetensors dtype codes nemoh reads (anything else, e.g. I32 or F8_E4M3, is refused)
+FLOAT_DTYPES = {"F64", "F32", "BF16", "F16"}
+
 # (pattern over the name in the file, canonical name template, action)
 #   direct: one file tensor is one canonical tensor
 #   stack:  group(2) of the match is the expert index; stacked along dim 0
 #   ignore: skipped with a notice
 NAME_TABLE: tuple[tuple[str, str | None, str], ...] = (
     (r"mtp\..*", None, "ignore"),
-    (r"(?:backbone|model)\.layers\.(\d+)\.mixer\.experts\.(\d+)\.(up_proj|down_proj)\.weight",
+    (r"(?:backbone|model)\.layers\.(\d+)\.mixer\.experts\.(0|[1-9]\d*)\.(up_proj|down_proj)\.weight",
      r"layers.\1.mixer.experts.\3", "stack"),
     (r"(?:backbone|model)\.(.+)", r"\1", "direct"),
     (r"(lm_head\.weight)", r"\1", "direct"),
@@ -95,6 +98,10 @@ class Checkpoint:
         else:
             files = sorted(self.dir.glob("*.safetensors"))
             if not files:
+                pickles = sorted(p.name for p in self.dir.glob("*.bin")) + sorted(p.name for p in self.dir.glob("*.pt"))
+                if pickles:
+                    raise WeightsError(f"{self.dir}: only pickle weights ({pickles[0]}), which nemoh never loads "
+                                       "(unpickling runs code); convert them to safetensors first")
                 raise WeightsError(f"{self.dir}: no model.safetensors or model.safetensors.index.json found")
             listed = None
         found: dict[str, Path] = {}
@@ -107,6 +114,9 @@ class Checkpoint:
             for key, f in listed.items():
                 if key not in found:
                     raise WeightsError(f"{f}: tensor '{key}' is listed in the index but not in the file")
+                if found[key] != f:
+                    raise WeightsError(f"{index}: tensor '{key}' is listed in {f.name} but stored in "
+                                       f"{found[key].name}")
         ignored = 0
         for key, f in sorted(found.items()):
             name, action, expert = canonical_name(key)
@@ -144,10 +154,17 @@ class Checkpoint:
             entries = self.entries.get(name)
             if not entries:
                 raise WeightsError(f"{self.dir}: missing tensor '{name}' ({list(spec.shape)})")
+            kinds = {e.expert is None for e in entries}
+            if len(kinds) > 1:
+                raise WeightsError(f"{entries[0].file}: tensor '{name}' is given both stacked and per expert")
             stacked = entries[0].expert is not None
             if stacked:
                 E = spec.shape[0]
                 have = sorted(e.expert for e in entries)
+                dup = sorted({x for x in have if have.count(x) > 1})
+                if dup:
+                    e = next(e for e in entries if e.expert == dup[0])
+                    raise WeightsError(f"{e.file}: tensor '{name}': expert {dup[0]} appears twice")
                 if have != list(range(E)):
                     missing = sorted(set(range(E)) - set(have))
                     what = f"missing experts {missing[:8]}" if missing else f"expert indices {have[-1]} out of range"
@@ -164,9 +181,18 @@ class Checkpoint:
                 if shape != spec.shape:
                     raise WeightsError(f"{entries[0].file}: tensor '{entries[0].key}' has shape {list(shape)}, "
                                        f"expected {list(spec.shape)}")
+            for e in entries:
+                dt = self._handle(e.file).get_slice(e.key).get_dtype()
+                if dt not in FLOAT_DTYPES:
+                    raise WeightsError(f"{e.file}: tensor '{e.key}' is stored as {dt}, expected a floating-point "
+                                       f"dtype ({', '.join(sorted(FLOAT_DTYPES))}); quantized checkpoints are "
+                                       "not supported")
 
     def read(self, name: str) -> torch.Tensor:
-        """The canonical tensor exactly as stored (experts stacked), without a cast."""
+        """The canonical tensor exactly as stored (experts stacked), without a cast.
+
+        A read-only view of the file where possible: copy it before changing it.
+        """
         entries = self.entries.get(name)
         if not entries:
             raise WeightsError(f"{self.dir}: missing tensor '{name}'")
@@ -175,13 +201,17 @@ class Checkpoint:
         return torch.stack([self._read(e) for e in sorted(entries, key=lambda e: e.expert)])
 
     def load(self, graph: Graph, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-        """Validated tensors cast to the graph's storage dtypes (fp32 ones stay fp32)."""
+        """Validated tensors cast to the graph's storage dtypes (fp32 ones stay fp32).
+
+        Always copies: `read` returns views of the memory-mapped file, and a caller that changes a
+        loaded tensor in place must not change what `read`/`mismatches` see as the file.
+        """
         self.validate(graph)
         specs = {t.name: t for t in graph.params}
         out = {}
         for name in names if names is not None else specs:
             t = self.read(name)
-            out[name] = t.to(TORCH_DTYPES[specs[name].dtype])
+            out[name] = t.to(TORCH_DTYPES[specs[name].dtype], copy=True)
         return out
 
     def mismatches(self, loaded: dict[str, torch.Tensor]) -> list[str]:

@@ -16,7 +16,7 @@ from nemoh.ir import build_graph
 from nemoh.presets import PRESETS
 from nemoh.registry import available_backends, get_backend
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "configs"
+SHARED = Path(__file__).resolve().parent / "data" / "released"
 
 
 def run_json(capsys, *args) -> dict:

@@ -15,8 +15,9 @@ from nemoh.config import ModelConfig, load_config, parse_config
 from nemoh.errors import ConfigError
 from nemoh.ir import build_graph
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "configs"
+SHARED = Path(__file__).resolve().parent / "data" / "released"
 RELEASED = sorted(SHARED.glob("*.json"))
+assert len(RELEASED) == 2, SHARED
 
 
 def hf_meta_model(raw: dict):
@@ -32,7 +33,6 @@ def hf_kinds(hc) -> list[str]:
     return [names[t] for t in hc.layers_block_type]
 
 
-@pytest.mark.skipif(not RELEASED, reason="../shared/configs not present")
 @pytest.mark.parametrize("path", RELEASED, ids=lambda p: p.stem)
 def test_released_configs_match_transformers(path):
     raw = json.loads(path.read_text())

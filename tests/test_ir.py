@@ -11,7 +11,7 @@ from nemoh.config import load_config, parse_config
 from nemoh.ir import OP_KINDS, Graph, build_graph
 from nemoh.presets import PRESETS
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "configs"
+SHARED = Path(__file__).resolve().parent / "data" / "released"
 CONFIGS = {p.stem: load_config(p) for p in sorted(SHARED.glob("*.json"))}
 CONFIGS.update({name: parse_config(p.config, name) for name, p in PRESETS.items()})
 

@@ -145,9 +145,90 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    """Lower a model's IR to ONNX: model.onnx plus model.onnx.data (the weights), checked."""
+    from .backends.onnx_export import export_onnx
+
+    path = export_onnx(args.model, args.out, args.dtype)
+    print(f"wrote {path} (+ {path.name}.data, dtype {args.dtype}); passes onnx.checker and shape inference")
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2 (argparse would print the usage too)
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def cmd_conformance(args: argparse.Namespace) -> int:
+    from .conformance import run_conformance
+    from .report_io import write_html, write_json, write_junit
+
+    for dt in _csv(args.dtype):
+        if dt not in ("float64", "float32", "bfloat16", "float16"):
+            raise NemohError(f"Unknown dtype '{dt}'. Available: float64, float32, bfloat16, float16")
+    outputs = [p for p in (args.json, args.html, args.junit) if p]
+    for p in outputs:  # fail before the run, not after it
+        if p.exists() and p.is_dir():
+            raise NemohError(f"{p}: is a directory, expected a file path")
+        if not p.parent.exists():
+            raise NemohError(f"{p.parent}: no such directory for the output file {p.name}")
+    report = run_conformance(args.model, _csv(args.backend), _csv(args.dtype), _csv(args.suite) or None,
+                             argv=["nemoh", *sys.argv[1:]] if args.argv is None else args.argv,
+                             progress=not args.no_progress, device=args.device)
+    print_table(report)
+    if args.json:
+        write_json(report, args.json)
+    if args.html:
+        write_html(report, args.html)
+    if args.junit:
+        write_junit(report, args.junit)
+    return report["summary"]["exit_code"]
+
+
+def print_table(report: dict) -> None:
+    """Compact: suite x backend/dtype, each cell the suite's status and its worst metric vs tolerance."""
+    runs = report["runs"]
+    suites = [s["name"] for s in report["suites"]]
+    cols = [f"{r['spec']}/{r['dtype']}" for r in runs]
+    cells: dict[tuple[str, str], str] = {}
+    for r, col in zip(runs, cols):
+        for suite in suites:
+            rs = [x for x in r["results"] if x["suite"] == suite]
+            status = report["summary"]["matrix"][col].get(suite, "-")
+            worst, ratio = None, -1.0
+            for x in rs:
+                w = x["worst_metric"]
+                if w and w["tolerance"] is not None:
+                    v, t = w["value"], w["tolerance"]
+                    q = float("inf") if v is None else ((1 - v) / max(1 - t, 1e-300) if w["higher_is_better"]
+                                                        else (v / t if t else (float("inf") if v else 0.0)))
+                    if q > ratio:
+                        worst, ratio = w, q
+            n = sum(x["status"] == "OK" for x in rs)
+            desc = f"{status} {n}/{len(rs)}"
+            if worst:
+                op = ">=" if worst["higher_is_better"] else "<="
+                desc += f"  {worst['name']} {worst['value_repr']} ({op} {worst['tolerance']:.3g})"
+            cells[(suite, col)] = desc
+    w0 = max(len(s) for s in suites + ["suite"])
+    widths = [max(len(c), *(len(cells[(s, c)]) for s in suites)) for c in cols]
+    print(f"{report['model']['name']}  ({report['model']['pattern']}, {report['model']['params_total']:,} params)")
+    print("  ".join([f"{'suite':<{w0}}"] + [f"{c:<{w}}" for c, w in zip(cols, widths)]))
+    for s in suites:
+        print("  ".join([f"{s:<{w0}}"] + [f"{cells[(s, c)]:<{w}}" for c, w in zip(cols, widths)]))
+    for r, col in zip(runs, cols):
+        for x in r["results"]:
+            if x["status"] == "FAIL":
+                loc = x.get("localisation") or {}
+                where = (f"  -> first diverging: layer {loc['layer']} ({loc['kind']}), op {loc['op']}"
+                         f" (call {loc['call'] + 1}/{loc['calls']})") if loc.get("found") else ""
+                print(f"FAIL {col} {x['id']}: {x['message']}{where}")
+    c = report["summary"]["counts"]
+    print(f"{c['OK']} OK, {c['FAIL']} FAIL, {c['NOT_SUPPORTED']} NOT_SUPPORTED, {c['SKIPPED']} SKIPPED")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,12 +265,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("conformance", help="run the conformance suites on backends against the references")
+    p.add_argument("--model", required=True, help="checkpoint directory or preset name")
+    p.add_argument("--backend", required=True, help="NAME[,NAME...] or package.module:factory")
+    p.add_argument("--dtype", default="float32", help="DTYPE[,DTYPE...] (default float32)")
+    p.add_argument("--suite", default="", help="SUITE[,SUITE...] (default: all)")
+    p.add_argument("--json", type=Path, help="write the results (schema: reports/conformance.schema.json)")
+    p.add_argument("--html", type=Path, help="write a self-contained HTML report")
+    p.add_argument("--junit", type=Path, help="write JUnit XML")
+    p.add_argument("--device")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_conformance, argv=None)
+
     p = sub.add_parser("verify", help="check every loaded tensor is bit-equal to the checkpoint file")
     p.add_argument("model")
     p.add_argument("--backend", default="torch")
     p.add_argument("--dtype", choices=dtypes, help="load at this dtype (compared with the file cast to it)")
     p.add_argument("--device")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("export-onnx", help="lower a model to an ONNX graph (model.onnx + external weights)")
+    p.add_argument("model", help="checkpoint directory or preset name")
+    p.add_argument("--out", required=True, type=Path, help="directory to write model.onnx into")
+    p.add_argument("--dtype", choices=dtypes, default="float32", help="compute dtype (default float32)")
+    p.set_defaults(func=cmd_export_onnx)
     return ap
 
 

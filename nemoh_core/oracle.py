@@ -245,21 +245,34 @@ def run(graph: Graph, params: dict[str, torch.Tensor], ids: torch.Tensor, *, mas
     Bsz, T = ids.shape
     m = torch.ones(Bsz, T, dtype=torch.bool, device=ids.device) if mask is None else mask.bool()
     key_mask = m if state.mask is None else torch.cat([state.mask.bool(), m], dim=1)
-    padded = not bool(m.all())
     vals: dict[str, torch.Tensor] = {"ids": ids}
     for block in graph.blocks:
-        for op in block.ops:
-            ins = [vals[n] for n in op.inputs]
-            ps = [params[n] for n in op.params]
-            outs = _apply(op, ins, ps, state, m if padded else None, key_mask, ssd, dt_clamp_min)
-            for name, v in zip(op.outputs, outs):
-                vals[name] = v
-            if trace is not None:
-                trace[op.name] = outs[0]
-        if trace is not None and block.index >= 0:
-            trace[f"layers.{block.index}"] = vals["x"]
+        vals = run_block(block, vals, params, state, m, key_mask, ssd=ssd, trace=trace, dt_clamp_min=dt_clamp_min)
     state.mask = key_mask
     return vals["logits"]
+
+
+def run_block(block, vals: dict[str, torch.Tensor], params: dict[str, torch.Tensor], state: OracleState,
+              mask: torch.Tensor, key_mask: torch.Tensor, *, ssd: str = "chunked", trace: dict | None = None,
+              dt_clamp_min: float | None = None) -> dict[str, torch.Tensor]:
+    """Run one block's ops on `vals` (its input values, e.g. {"x": ...}); returns all values after it.
+
+    mask [B, T] marks the new tokens' real positions, key_mask [B, S+T] every cached and new one.
+    Used by `run` and by localisation, which feeds a block the executor's own input to that block.
+    """
+    vals = dict(vals)
+    pad = None if bool(mask.all()) else mask
+    for op in block.ops:
+        ins = [vals[n] for n in op.inputs]
+        ps = [params[n] for n in op.params]
+        outs = _apply(op, ins, ps, state, pad, key_mask, ssd, dt_clamp_min)
+        for name, v in zip(op.outputs, outs):
+            vals[name] = v
+        if trace is not None:
+            trace[op.name] = outs[0]
+    if trace is not None and block.index >= 0:
+        trace[f"layers.{block.index}"] = vals["x"]
+    return vals
 
 
 def _apply(op: Op, ins, ps, state: OracleState, pad_mask, key_mask, ssd, dt_clamp_min):

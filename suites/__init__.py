@@ -1,11 +1,14 @@
 """The conformance suites. Each module defines `SUITE`, a `nemoh.harness.Suite`.
 
-Adding a suite: a module here and one line in `SUITES`.
+Adding a suite: a module here and one line in `all_suites`. Nothing is imported until asked for.
 """
 
 from __future__ import annotations
 
-from nemoh.harness import Suite
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nemoh.harness import Suite
 
 
 def all_suites() -> dict[str, Suite]:

@@ -1,0 +1,1072 @@
+"""The CuPy executor: the IR on an NVIDIA GPU through hand-written CUDA kernels.
+
+Kernels: `cupy_kernels/*.cu`, compiled at run time by NVRTC (see nemoh.backends.cupy_compile,
+the same code CI uses to prove every kernel compiles) and loaded through `cupy.RawModule`.
+Prefill matmuls go to cuBLAS (cublasGemmEx, fp32 accumulation); decode matmuls, up to 8 token
+rows, to the kernels' own GEMV, so a decode step is kernels only and is captured once as a CUDA
+graph and replayed (`cuda_graphs=True`, the default).
+
+Precision follows backends/torch_backend.py: activations and weights at the compute dtype
+(float32 or bfloat16; bf16 lives on the device as raw uint16 bits, so CuPy needs no bf16 dtype),
+norms, the SSM (state kept in fp32), the router and the attention softmax in fp32, rounding to the
+compute dtype exactly where the torch executor rounds.
+
+State crosses the protocol in torch_backend's layout: `layers.{i}.conv` [B, C, K-1],
+`layers.{i}.ssm` [B, H, P, N] fp32, `layers.{i}.k`/`.v` [B, S, KV, Dh], `mask` [B, S] int64.
+The KV cache is preallocated to `max_len` tokens and grown (copied, graph recaptured) when a
+forward needs more.
+
+Nothing here imports cupy at module import time: `available()` answers Support.no with the reason
+on a machine without cupy, a driver or a GPU. The host-side logic (limits, launch shapes, buffer
+sizes, the graph bookkeeping) is plain Python and is tested on the CPU.
+
+Options (constructor arguments, or the environment for the registry's no-argument factory):
+  max_len     NEMOH_CUPY_MAX_LEN   initial KV-cache length per sequence (default 4096)
+  cuda_graphs NEMOH_CUPY_GRAPHS    0 to run decode steps eagerly (default 1)
+  compiler    NEMOH_CUPY_COMPILER  "nemoh" (cupy_compile's NVRTC, cubin loaded by RawModule(path=)),
+                                   "cupy" (RawModule(code=) with CuPy's NVRTC), default: nemoh if
+                                   its NVRTC is found, else cupy
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from nemoh.backend import Support
+from nemoh.errors import NemohError
+from nemoh.ir import ITEMSIZE, OP_KINDS, Graph, Layer
+from nemoh.weights import TORCH_DTYPES, Checkpoint
+
+from . import cupy_compile as cc
+
+DTYPES = ("float32", "bfloat16")
+
+# Compile-time limits of the kernels (the #defines in cupy_kernels/*.cu); check_graph enforces them.
+KMAX = 4  # conv1d.cu KMAX
+SSD_PMAX = SSD_NMAX = 128  # ssd.cu
+ATT_DMAX, ATT_TK, ATT_QROWS, ATT_GROUP_MAX = 128, 32, 16, 16  # attention.cu (16 query heads per KV head)
+MOE_EMAX, MOE_GMAX, MOE_KMAX = 1024, 64, 32  # moe.cu
+GEMV_MMAX = 8  # linear.cu: token rows per GEMV launch
+GRID_YZ_MAX = 65535
+SMEM_STATIC_MAX = 48 * 1024
+VEC_BYTES = 16
+
+# cuBLAS / CUDA enums (cublas_api.h, library_types.h)
+CUDA_R_32F, CUDA_R_16BF = 0, 14
+CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
+CUBLAS_COMPUTE_32F = 68
+CUBLAS_GEMM_DEFAULT = -1
+
+
+# ----------------------------------------------------------------------------------------------
+# Host-side logic (no cupy): limits, launch shapes, buffer sizes, CUDA-graph bookkeeping
+# ----------------------------------------------------------------------------------------------
+
+def check_graph(graph: Graph) -> Support:
+    """Can the kernels run this graph? Names the config field that is out of their range."""
+    c = graph.config
+    if graph.dtype not in DTYPES:
+        return Support.no(f"compute dtype {graph.dtype}: the CuPy kernels are instantiated for "
+                          f"{' and '.join(DTYPES)} only")
+    checks = []
+    kinds = set(c.layer_types)
+    if "mamba" in kinds:
+        checks += [("conv_kernel", c.conv_kernel, KMAX), ("mamba_head_dim", c.mamba_head_dim, SSD_PMAX),
+                   ("ssm_state_size", c.ssm_state_size, SSD_NMAX)]
+        if c.use_bias:
+            return Support.no("field 'use_bias' is true: Mamba in_proj/out_proj biases are not implemented "
+                              "by the cupy backend (no released Nemotron-H uses them)")
+    if "attention" in kinds:
+        checks += [("head_dim", c.head_dim, ATT_DMAX),
+                   ("num_attention_heads / num_key_value_heads", c.num_attention_heads // c.num_key_value_heads,
+                    ATT_GROUP_MAX)]
+    if "moe" in kinds:
+        checks += [("n_routed_experts", c.n_routed_experts, MOE_EMAX), ("n_group", c.n_group, MOE_GMAX),
+                   ("num_experts_per_tok", c.num_experts_per_tok, MOE_KMAX)]
+    if kinds & {"mlp", "moe"} and c.mlp_bias:
+        return Support.no("field 'mlp_bias' is true: MLP biases are not implemented by the cupy backend "
+                          "(no released Nemotron-H uses them)")
+    for name, value, limit in checks:
+        if value > limit:
+            return Support.no(f"field '{name}' is {value}; the cupy kernels support at most {limit}")
+    return Support.yes()
+
+
+class Launch(NamedTuple):
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    shared_mem: int = 0
+
+    def validate(self, what: str) -> Launch:
+        gx, gy, gz = self.grid
+        if min(self.grid) < 1 or gx >= 2 ** 31 or gy > GRID_YZ_MAX or gz > GRID_YZ_MAX:
+            raise NemohError(f"{what}: grid {self.grid} is out of CUDA's range (split the batch or prompt)")
+        if self.block[0] * self.block[1] * self.block[2] > 1024:
+            raise NemohError(f"{what}: block {self.block} has more than 1024 threads")
+        return self
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _l(grid, block, what: str) -> Launch:
+    g = tuple(grid) + (1,) * (3 - len(grid))
+    b = tuple(block) + (1,) * (3 - len(block))
+    return Launch(g, b).validate(what)
+
+
+def launch_rows(M: int, D: int, what: str = "add_rmsnorm") -> Launch:
+    """One block per row; 256 threads, or 1024 for rows of 8192+ values."""
+    return _l((M,), (1024 if D >= 8192 else 256,), what)
+
+
+def launch_gated_norm(M: int, G: int) -> Launch:
+    return _l((M, G), (256,), "gated_rmsnorm")
+
+
+CONV_TT = 64  # time steps per thread in conv1d_prefill
+
+
+def launch_conv_prefill(B: int, T: int, C: int) -> Launch:
+    return _l((cdiv(C, 128), cdiv(T, CONV_TT), B), (128,), "conv1d_prefill")
+
+
+def launch_flat(n: int, block: int, what: str) -> Launch:
+    """One thread per item."""
+    return _l((cdiv(n, block),), (block,), what)
+
+
+def launch_grid_stride(n: int, what: str) -> Launch:
+    return _l((max(1, min(cdiv(n, 256), 8192)),), (256,), what)
+
+
+def ssd_launches(B: int, T: int, H: int, P: int, N: int, chunk: int) -> dict[str, Launch]:
+    """The four prefill launches of the chunked scan."""
+    nc = cdiv(T, chunk)
+    return {
+        "ssd_dt_cumsum": launch_flat(B * nc * H, 128, "ssd_dt_cumsum"),
+        "ssd_chunk_state": _l((H, B * nc), (256,), "ssd_chunk_state"),
+        "ssd_state_passing": launch_flat(B * H * P * N, 256, "ssd_state_passing"),
+        "ssd_chunk_scan": _l((cdiv(min(chunk, T), 32), H, B * nc), (256,), "ssd_chunk_scan"),
+    }
+
+
+def launch_attn_prefill(B: int, T: int, Q: int) -> Launch:
+    return _l((cdiv(T, ATT_QROWS), Q, B), (128,), "attn_prefill")
+
+
+def decode_splits(max_len: int, B: int, KV: int, n_sm: int) -> int:
+    """Key splits of the decode attention: about two blocks per SM, no split shorter than a tile."""
+    want = cdiv(2 * n_sm, max(1, B * KV))
+    return max(1, min(want, cdiv(max_len, ATT_TK), 64))
+
+
+def launch_gemv(R: int, pairs: int = 1, what: str = "gemv") -> Launch:
+    """Warp per output row, 8 rows per block; `pairs` (token, expert) slots on grid.y."""
+    return _l((cdiv(R, 8), pairs), (256,), what)
+
+
+def row_chunks(M: int, step: int = GEMV_MMAX) -> list[tuple[int, int]]:
+    """(start, rows) pieces of at most `step` rows: the decode GEMV handles 8 token rows at a time."""
+    return [(s, min(step, M - s)) for s in range(0, M, step)]
+
+
+def vec_ok(cols: int, itemsize: int, *ptrs_and_strides: int) -> bool:
+    """16-byte loads are legal: the row length, every row stride and every base address align."""
+    n = VEC_BYTES // itemsize
+    return cols % n == 0 and all(v % (n if i % 2 else VEC_BYTES) == 0 for i, v in enumerate(ptrs_and_strides))
+
+
+def grow_len(old: int, need: int, step: int = 256) -> int:
+    """KV-cache length after growth: at least `need`, at least double, a multiple of `step`."""
+    return cdiv(max(need, 2 * old), step) * step
+
+
+def state_buffers(graph: Graph, batch: int, max_len: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Device buffers of one carried state: name -> (shape, dtype), from the IR's StateSpecs."""
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    for layer in graph.layers:
+        for s in layer.states:
+            shape = (batch, max_len, *s.shape) if s.per_token else (batch, *s.shape)
+            out[s.name] = (shape, s.dtype)
+    out["kmask"] = ((batch, max_len), "int32")
+    out["ctrl"] = ((2 * batch + 1,), "int32")  # decode: ids [B] | mask [B] | cached length
+    return out
+
+
+def decode_buffers(graph: Graph, batch: int, splits: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The static scratch buffers a captured decode step reads and writes (one token per row)."""
+    c, B, dt = graph.config, batch, graph.dtype
+    D = c.hidden_size
+    out = {"x": ((B, D), dt), "h": ((B, D), dt), "out": ((B, D), dt), "logits": ((B, c.vocab_size), dt)}
+    kinds = set(c.layer_types)
+    if "mamba" in kinds:
+        out |= {"zxbcdt": ((B, c.in_proj_dim), dt), "xbc": ((B, c.conv_dim), dt),
+                "y": ((B, c.d_inner), "float32"), "yn": ((B, c.d_inner), dt)}
+    if "attention" in kinds:
+        Q, KV, Dh = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        out |= {"q": ((B, Q * Dh), dt), "k": ((B, KV * Dh), dt), "v": ((B, KV * Dh), dt),
+                "att": ((B, Q * Dh), dt), "part": ((B, Q, splits, Dh + 2), "float32")}
+    if "mlp" in kinds:
+        out["up"] = ((B, c.intermediate_size), dt)
+    if "moe" in kinds:
+        k, L, I = c.num_experts_per_tok, c.moe_input_size, c.moe_intermediate_size
+        out |= {"topk_w": ((B, k), "float32"), "topk_idx": ((B, k), "int32"), "eup": ((B * k, I), dt),
+                "edown": ((B * k, L), dt), "routed": ((B, L), dt)}
+        if c.moe_latent_size is not None:
+            out |= {"lat": ((B, L), dt), "routed_out": ((B, D), dt)}
+        if c.n_shared_experts and c.moe_shared_expert_intermediate_size:
+            out |= {"sup": ((B, c.moe_shared_expert_intermediate_size), dt), "shared": ((B, D), dt)}
+    return out
+
+
+def buffer_bytes(plan: dict[str, tuple[tuple[int, ...], str]]) -> int:
+    return sum(math.prod(shape) * ITEMSIZE.get(dt, 4) for shape, dt in plan.values())
+
+
+class DecodeGraph:
+    """Bookkeeping of one state's captured decode step.
+
+    A captured graph bakes in every buffer address, so it may be replayed only while the state's
+    buffers are the ones it was captured with: `key` is the state's buffer epoch, bumped on every
+    reallocation (KV-cache growth, new decode buffers). `plan()` answers what the next step does:
+      eager    graphs off, or a trace was asked for (graph replays record nothing)
+      warmup   first step on these buffers: run eagerly (any lazy initialisation happens outside a
+               capture), then `warmed(key)`
+      capture  warmed, but no graph for these buffers yet
+      replay   a graph for these buffers exists
+    """
+
+    def __init__(self) -> None:
+        self.status = "empty"  # empty | captured | invalid
+        self.graph: Any = None
+        self.key: Any = None
+        self.warm_key: Any = None
+        self.captures = 0
+        self.replays = 0
+        self.reason = ""
+
+    def plan(self, key: Any, *, enabled: bool, trace: bool) -> str:
+        if not enabled or trace:
+            return "eager"
+        if self.status == "captured" and self.key == key:
+            return "replay"
+        if self.warm_key == key:
+            return "capture"
+        return "warmup"
+
+    def warmed(self, key: Any) -> None:
+        self.warm_key = key
+
+    def captured(self, key: Any, graph: Any) -> None:
+        self.status, self.key, self.graph, self.reason = "captured", key, graph, ""
+        self.captures += 1
+
+    def replayed(self) -> None:
+        if self.status != "captured":
+            raise NemohError(f"cupy backend: replay of a decode graph in status {self.status!r}")
+        self.replays += 1
+
+    def invalidate(self, reason: str) -> None:
+        if self.graph is not None or self.status == "captured":
+            self.status, self.graph, self.key, self.reason = "invalid", None, None, reason
+
+
+# ----------------------------------------------------------------------------------------------
+# The backend
+# ----------------------------------------------------------------------------------------------
+
+class Ptr(int):
+    """A raw device address passed to a kernel as a 64-bit value."""
+
+
+class _Trace:
+    """Copies op outputs into the caller's trace dict (eager runs only: it synchronises)."""
+
+    def __init__(self, backend: CupyBackend, out: dict[str, torch.Tensor], B: int, T: int):
+        self.backend, self.out, self.B, self.T = backend, out, B, T
+
+    def __call__(self, name: str, a, dtype: str | None = None) -> None:
+        t = self.backend._download(a, dtype or self.backend.dtype)
+        self.out[name] = t.reshape(self.B, self.T, -1)
+
+    def put(self, name: str, t: torch.Tensor) -> None:
+        self.out[name] = t
+
+
+@dataclass
+class CupyState:
+    batch: int
+    max_len: int
+    length: int = 0  # cached tokens S
+    conv: dict[int, Any] = field(default_factory=dict)  # [B, C, K-1], pre-conv inputs, compute dtype
+    ssm: dict[int, Any] = field(default_factory=dict)  # [B, H, P, N] fp32
+    k: dict[int, Any] = field(default_factory=dict)  # [B, Smax, KV, Dh]
+    v: dict[int, Any] = field(default_factory=dict)
+    kmask: Any = None  # [B, Smax] int32
+    ctrl: Any = None  # int32 [2B + 1]
+    dec: dict[str, Any] | None = None  # decode scratch (static for the graph)
+    splits: int = 1
+    epoch: int = 0  # bumped on every reallocation of a buffer a graph may have captured
+    graph: DecodeGraph = field(default_factory=DecodeGraph)
+
+
+class CupyBackend:
+    """Implements nemoh.backend.Backend with CuPy and the kernels in cupy_kernels/."""
+
+    name = "cupy"
+
+    def __init__(self, max_len: int | None = None, cuda_graphs: bool | None = None, compiler: str | None = None):
+        self.max_len = int(max_len if max_len is not None else os.environ.get("NEMOH_CUPY_MAX_LEN", 4096))
+        if cuda_graphs is None:
+            cuda_graphs = os.environ.get("NEMOH_CUPY_GRAPHS", "1") not in ("0", "false", "no")
+        self.cuda_graphs = bool(cuda_graphs)
+        self.compiler = compiler or os.environ.get("NEMOH_CUPY_COMPILER") or None
+        if self.compiler not in (None, "nemoh", "cupy"):
+            raise NemohError(f"cupy backend: compiler must be 'nemoh' or 'cupy', got {self.compiler!r}")
+        if self.max_len < 1:
+            raise NemohError(f"cupy backend: max_len must be positive, got {self.max_len}")
+        self.graph: Graph | None = None
+        self.p: dict[str, Any] = {}
+        self.kernels: dict[str, Any] = {}
+        self._cp: Any = None
+        self._route = ""
+
+    # -- capabilities -------------------------------------------------------------------------
+    def available(self) -> Support:
+        try:
+            import cupy
+        except Exception as e:  # ImportError, or a broken install raising anything at import
+            return Support.no(f"cupy is not importable ({type(e).__name__}: {e}); install the gpu extra "
+                              "(pip install 'nemoh[gpu]')")
+        try:
+            n = cupy.cuda.runtime.getDeviceCount()
+        except Exception as e:  # CUDARuntimeError: no driver, driver too old, no device
+            return Support.no(f"no usable CUDA device ({type(e).__name__}: {e})")
+        if n < 1:
+            return Support.no("no CUDA device")
+        try:
+            cap = int(cupy.cuda.Device(0).compute_capability)
+        except Exception as e:
+            return Support.no(f"cannot query the CUDA device ({type(e).__name__}: {e})")
+        if cap < 80:
+            return Support.no(f"compute capability {cap // 10}.{cap % 10} < 8.0: the bf16 kernels need sm_80+")
+        if self.compiler == "nemoh" and not cc.toolchain_candidates():
+            return Support.no("compiler 'nemoh' asked for, but no NVRTC found (pip install nvidia-cuda-nvrtc-cu12 "
+                              "nvidia-cuda-runtime-cu12)")
+        if not cc.toolchain_candidates():
+            try:
+                cupy.cuda.nvrtc.getVersion()
+            except Exception as e:
+                return Support.no(f"no NVRTC: neither nemoh's (pip install nvidia-cuda-nvrtc-cu12 "
+                                  f"nvidia-cuda-runtime-cu12) nor CuPy's ({type(e).__name__}: {e})")
+        return Support.yes()
+
+    def supports(self, op_kind: str, dtype: str) -> Support:
+        if op_kind not in OP_KINDS:
+            return Support.no(f"unknown op kind {op_kind!r}")
+        if dtype not in DTYPES:
+            return Support.no(f"dtype {dtype}: the CuPy kernels are instantiated for {' and '.join(DTYPES)} only")
+        return Support.yes()
+
+    def describe(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"backend": self.name, "cuda_graphs": self.cuda_graphs, "max_len": self.max_len,
+                             "compiler": self._route or self.compiler or "auto"}
+        if self.graph is not None:
+            d["dtype"] = self.graph.dtype
+        cp = self._cp
+        if cp is not None:
+            dev = cp.cuda.Device()
+            props = cp.cuda.runtime.getDeviceProperties(dev.id)
+            name = props["name"]
+            d |= {"device": f"cuda:{dev.id}", "device_name": name.decode() if isinstance(name, bytes) else name,
+                  "compute_capability": dev.compute_capability, "cupy": cp.__version__,
+                  "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(),
+                  "cuda_driver": cp.cuda.runtime.driverGetVersion()}
+        return d
+
+    # -- loading ------------------------------------------------------------------------------
+    def load(self, graph: Graph, checkpoint: Checkpoint, *, device: str | None = None) -> None:
+        ok = check_graph(graph)
+        if not ok.ok:
+            raise NemohError(f"cupy backend cannot run this model: {ok.reason}")
+        self.init_device(graph.dtype, device)
+        self.graph = graph
+        tensors = checkpoint.load(graph)
+        with self.stream:
+            self.p = {k: self._upload(v) for k, v in tensors.items()}
+            # derived once: A = -exp(A_log) in fp32, exactly once
+            self.A = {l.index: self._upload(-torch.exp(tensors[f"layers.{l.index}.mixer.A_log"].float()))
+                      for l in graph.layers if l.kind == "mamba"}
+        self.stream.synchronize()
+
+    def init_device(self, dtype: str, device: str | None = None) -> None:
+        """Select the device, make the stream, compile and load every kernel (no model needed:
+        tests/test_cupy_gpu.py drives single kernels through this)."""
+        import cupy as cp
+
+        if dtype not in DTYPES:
+            raise NemohError(f"cupy backend: dtype {dtype} is not one of {', '.join(DTYPES)}")
+        self._cp = cp
+        dev_id = 0
+        if device:
+            if not device.startswith("cuda"):
+                raise NemohError(f"cupy backend runs on CUDA devices only, got device {device!r}")
+            dev_id = int(device.split(":")[1]) if ":" in device else 0
+        cp.cuda.Device(dev_id).use()
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        self.dtype = dtype
+        self.isz = ITEMSIZE[dtype]
+        self.n_sm = cp.cuda.runtime.getDeviceProperties(dev_id)["multiProcessorCount"]
+        self._one = np.ones(1, np.float32)
+        self._zero = np.zeros(1, np.float32)
+        self._load_kernels(cp, cp.cuda.Device(dev_id).compute_capability)
+
+    def _load_kernels(self, cp, cap: str) -> None:
+        route = self.compiler
+        if route is None:
+            route = "nemoh" if cc.toolchain_candidates() else "cupy"
+        modules = {}
+        if route == "nemoh":
+            tc = cc.find_toolchain()
+            cubins = cc.compile_all(f"sm_{cap}", tc)
+            cache = Path(os.environ.get("NEMOH_CACHE", Path.home() / ".cache" / "nemoh")) / "cupy-kernels"
+            cache.mkdir(parents=True, exist_ok=True)
+            for file, code in cubins.items():
+                path = cache / f"{Path(file).stem}-sm_{cap}-{hashlib.sha256(code).hexdigest()[:16]}.cubin"
+                if not path.is_file():
+                    with tempfile.NamedTemporaryFile(dir=cache, delete=False) as f:
+                        f.write(code)
+                    os.replace(f.name, path)
+                modules[file] = cp.RawModule(path=str(path))
+            self._route = f"nemoh (NVRTC {'.'.join(map(str, tc.version))}, {tc.origin}, sm_{cap} cubin)"
+        else:
+            cands = cc.toolchain_candidates()
+            includes = [cands[0].include] if cands else []
+            if not includes:
+                cuda_path = cp.cuda.get_cuda_path()
+                if cuda_path and (Path(cuda_path) / "include" / "cuda_bf16.h").is_file():
+                    includes = [str(Path(cuda_path) / "include")]
+            opts = tuple(cc.nvrtc_options(None, includes))
+            for file in cc.KERNELS:
+                modules[file] = cp.RawModule(code=cc.source(file), options=opts, backend="nvrtc")
+            self._route = f"cupy (RawModule code, CuPy's NVRTC, includes {includes or 'CuPy defaults'})"
+        self.kernels = {}
+        for file, mod in modules.items():
+            for entry in cc.entry_points(file):
+                try:
+                    k = mod.get_function(entry)
+                    getattr(k, "kernel", None)  # RawKernel resolves its function lazily: do it now, not in a capture
+                    self.kernels[entry] = k
+                except Exception as e:
+                    raise NemohError(f"cupy backend: kernel {entry} missing from {file} ({e})") from None
+
+    def _k(self, stem: str):
+        return self.kernels[cc.kernel_name(stem, self.dtype)]
+
+    # -- conversions --------------------------------------------------------------------------
+    def _upload(self, t: torch.Tensor):
+        cp = self._cp
+        t = t.detach().contiguous().cpu()
+        if t.dtype == torch.bfloat16:
+            return cp.asarray(t.view(torch.int16).numpy()).view(cp.uint16)
+        return cp.asarray(t.numpy())
+
+    def _download(self, a, dtype: str) -> torch.Tensor:
+        h = a.get(stream=self.stream)
+        self.stream.synchronize()
+        if dtype == "bfloat16":
+            return torch.from_numpy(np.ascontiguousarray(h).view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(np.ascontiguousarray(h))
+
+    def _empty(self, shape, dtype: str):
+        cp = self._cp
+        npd = {"float32": np.float32, "bfloat16": np.uint16, "int32": np.int32, "float64": np.float64}[dtype]
+        return cp.empty(shape, dtype=npd)
+
+    def _zeros(self, shape, dtype: str):
+        a = self._empty(shape, dtype)
+        a.fill(0)
+        return a
+
+    def read_param(self, name: str) -> torch.Tensor:
+        spec = self.graph.param(name)
+        return self._download(self.p[name], spec.dtype).clone()
+
+    # -- kernel launch helpers ----------------------------------------------------------------
+    @staticmethod
+    def _arg(v):
+        if v is None:
+            return np.uint64(0)
+        if isinstance(v, Ptr):
+            return np.uint64(int(v))
+        if isinstance(v, np.generic):
+            return v
+        if isinstance(v, bool):
+            return np.int32(int(v))
+        if isinstance(v, int):
+            return np.int32(v)
+        if isinstance(v, float):
+            return np.float32(v)
+        return np.uint64(v.data.ptr)  # a cupy array
+
+    def _run(self, kern, launch: Launch, *args) -> None:
+        kern(launch.grid, launch.block, tuple(self._arg(a) for a in args), shared_mem=launch.shared_mem)
+
+    @staticmethod
+    def _ptr(a, elem_offset: int = 0) -> Ptr:
+        return Ptr(a.data.ptr + elem_offset * a.itemsize)
+
+    def _gemm(self, x: Ptr, ldx: int, w: Ptr, y: Ptr, ldy: int, M: int, N: int, K: int) -> None:
+        """y[M, N] = x[M, K] @ w[N, K]^T (row-major), fp32 accumulation, output rounded to the dtype."""
+        if M == 0:
+            return
+        from cupy_backends.cuda.libs import cublas
+
+        t = CUDA_R_16BF if self.dtype == "bfloat16" else CUDA_R_32F
+        handle = self._cp.cuda.device.get_cublas_handle()
+        # column-major view: y^T [N, M] = w [K, N]^T-as-stored (op T) times x^T [K, M]
+        cublas.gemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, self._one.ctypes.data, int(w), t, K,
+                      int(x), t, ldx, self._zero.ctypes.data, int(y), t, ldy, CUBLAS_COMPUTE_32F,
+                      CUBLAS_GEMM_DEFAULT)
+
+    def _gemv(self, w: Ptr, x: Ptr, ldx: int, y: Ptr, ldy: int, R: int, Cc: int, M: int, act: bool) -> None:
+        kern = self._k("gemv")
+        for s, n in row_chunks(M):
+            xs, ys = Ptr(x + s * ldx * self.isz), Ptr(y + s * ldy * self.isz)
+            vec = vec_ok(Cc, self.isz, int(w), Cc, int(xs), ldx)
+            self._run(kern, launch_gemv(R), w, xs, ldx, ys, ldy, R, Cc, n, int(act), int(vec))
+
+    def _linear(self, name: str, x: Ptr, ldx: int, y: Ptr, ldy: int, M: int, act: bool = False,
+                decode: bool = False) -> None:
+        """A linear layer (no bias: check_graph refuses biases). Decode steps and up to 8 rows: the
+        GEMV kernel (capturable, 8 rows per launch); more: cuBLAS, then the squared-ReLU epilogue."""
+        w = self.p[f"{name}.weight"]
+        R, Cc = w.shape
+        if decode or M <= GEMV_MMAX:
+            self._gemv(self._ptr(w), x, ldx, y, ldy, R, Cc, M, act)
+            return
+        self._gemm(x, ldx, self._ptr(w), y, ldy, M, R, Cc)
+        if act:
+            if ldy != R:
+                raise NemohError(f"{name}: the squared-ReLU epilogue needs a dense output")
+            self._run(self._k("relu2"), launch_grid_stride(M * R, "relu2"), y, np.int64(M * R))
+
+    # -- state --------------------------------------------------------------------------------
+    def new_state(self, batch: int) -> CupyState:
+        return self._alloc_state(batch, self.max_len)
+
+    def _alloc_state(self, batch: int, max_len: int) -> CupyState:
+        st = CupyState(batch=batch, max_len=max_len)
+        names = {s.name: (l.index, s.kind) for l in self.graph.layers for s in l.states}
+        with self.stream:
+            for name, (shape, dt) in state_buffers(self.graph, batch, max_len).items():
+                buf = self._zeros(shape, dt)
+                if name == "kmask":
+                    st.kmask = buf
+                elif name == "ctrl":
+                    st.ctrl = buf
+                else:
+                    i, kind = names[name]
+                    getattr(st, kind)[i] = buf
+        self.stream.synchronize()
+        return st
+
+    def copy_state(self, state: CupyState) -> CupyState:
+        st = CupyState(batch=state.batch, max_len=state.max_len, length=state.length)
+        with self.stream:
+            for kind in ("conv", "ssm", "k", "v"):
+                getattr(st, kind).update({i: a.copy() for i, a in getattr(state, kind).items()})
+            st.kmask, st.ctrl = state.kmask.copy(), state.ctrl.copy()
+        self.stream.synchronize()
+        return st
+
+    def export_state(self, state: CupyState) -> dict[str, torch.Tensor]:
+        S, dt = state.length, self.dtype
+        out = {"mask": self._download(state.kmask[:, :S], "int32").to(torch.int64)}
+        for i, a in state.conv.items():
+            out[f"layers.{i}.conv"] = self._download(a, dt)
+        for i, a in state.ssm.items():
+            out[f"layers.{i}.ssm"] = self._download(a, "float32")
+        for kind in ("k", "v"):
+            for i, a in getattr(state, kind).items():
+                out[f"layers.{i}.{kind}"] = self._download(a[:, :S], dt)
+        return out
+
+    def import_state(self, tensors: dict[str, torch.Tensor]) -> CupyState:
+        mask = tensors["mask"]
+        B, S = mask.shape
+        st = self._alloc_state(B, max(self.max_len, S))
+        st.length = S
+        with self.stream:
+            st.kmask[:, :S] = self._cp.asarray(mask.to(torch.int32).numpy())
+            for name, t in tensors.items():
+                if name == "mask":
+                    continue
+                _, i, kind = name.split(".")
+                dst = getattr(st, kind)[int(i)]
+                src = self._upload(t.to(TORCH_DTYPES["float32" if kind == "ssm" else self.dtype]))
+                if kind in ("k", "v"):
+                    dst[:, :S] = src
+                else:
+                    dst[...] = src
+        self.stream.synchronize()
+        return st
+
+    def _ensure_capacity(self, st: CupyState, need: int) -> None:
+        if need <= st.max_len:
+            return
+        new = grow_len(st.max_len, need)
+        S = st.length
+        for kind in ("k", "v"):
+            d = getattr(st, kind)
+            for i, a in d.items():
+                b = self._zeros((a.shape[0], new, *a.shape[2:]), self.dtype)
+                b[:, :S] = a[:, :S]
+                d[i] = b
+        km = self._zeros((st.batch, new), "int32")
+        km[:, :S] = st.kmask[:, :S]
+        st.kmask, st.max_len = km, new
+        st.epoch += 1
+        st.graph.invalidate(f"KV cache grown to {new} tokens")
+
+    # -- compute ------------------------------------------------------------------------------
+    def forward(self, state: CupyState, ids: torch.Tensor, mask: torch.Tensor | None = None, *,
+                last_only: bool = False, trace: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        B, T = ids.shape
+        if B != state.batch:
+            raise NemohError(f"cupy backend: ids have batch {B}, the state holds {state.batch} sequences")
+        m = np.ones((B, T), np.int32) if mask is None else np.ascontiguousarray(mask.to(torch.int32).numpy())
+        rec = _Trace(self, trace, B, T) if trace is not None else None
+        ids = ids.contiguous()
+        with self.stream:
+            self._ensure_capacity(state, state.length + T)
+            if T == 1:
+                logits = self._decode(state, ids, m, rec)
+            else:
+                logits = self._prefill(state, ids, m, last_only, rec)
+            # kv_append records the mask for attention; models without attention need it for export
+            state.kmask[:, state.length:state.length + T] = self._cp.asarray(m)
+            self.stream.synchronize()
+        state.length += T
+        V = self.graph.config.vocab_size
+        return logits.reshape(B, -1, V).to(torch.float32)
+
+    # prefill ----------------------------------------------------------------------------------
+    def _prefill(self, st: CupyState, ids: torch.Tensor, m: np.ndarray, last_only: bool, rec):
+        cp, g, c = self._cp, self.graph, self.graph.config
+        B, T = ids.shape
+        M, D = B * T, c.hidden_size
+        ids_d = cp.asarray(ids.to(torch.int32).numpy())
+        mask_d = cp.asarray(m)
+        st.ctrl[2 * B:2 * B + 1] = st.length  # cached length before these tokens
+        len_p = self._ptr(st.ctrl, 2 * B)
+        x, h = self._empty((M, D), self.dtype), self._empty((M, D), self.dtype)
+        self._run(self._k("embedding"), _l((M,), (256,), "embedding"), ids_d, self.p["embeddings.weight"], x, D,
+                  c.vocab_size)
+        if rec:
+            rec("embeddings", x)
+        delta = None
+        for layer in g.layers:
+            i = layer.index
+            norm = layer.ops[0]
+            self._run(self._k("add_rmsnorm"), launch_rows(M, D), x, delta, self.p[f"layers.{i}.norm.weight"], h,
+                      mask_d if layer.kind == "mamba" else None, D, float(norm.a["eps"]))
+            if rec and i > 0:
+                rec(f"layers.{i - 1}", x)
+            if rec:
+                rec(norm.name, h)
+            if layer.kind == "mamba":
+                delta = self._mamba_prefill(layer, h, st, mask_d, B, T, rec)
+            elif layer.kind == "attention":
+                delta = self._attention_prefill(layer, h, st, mask_d, len_p, B, T, rec)
+            elif layer.kind == "mlp":
+                delta = self._mlp(f"layers.{i}.mixer.", h, M, rec)
+            else:
+                delta = self._moe(layer, h, M, rec, None)
+        self._run(self._k("add_rmsnorm"), launch_rows(M, D), x, delta, self.p["norm_f.weight"], h, None, D,
+                  float(g.head.ops[0].a["eps"]))
+        if rec:
+            rec(f"layers.{g.layers[-1].index}", x)
+            rec("norm_f", h)
+        if last_only:
+            h = cp.ascontiguousarray(h.reshape(B, T, D)[:, -1])
+        rows = h.shape[0]
+        logits = self._empty((rows, c.vocab_size), self.dtype)
+        self._linear("lm_head", self._ptr(h), D, self._ptr(logits), c.vocab_size, rows)
+        out = self._download(logits, self.dtype)
+        if rec:
+            rec.put("lm_head", out.view(B, -1, c.vocab_size))
+        return out
+
+    def _mamba_prefill(self, layer: Layer, h, st: CupyState, mask_d, B: int, T: int, rec):
+        c, i, pre = self.graph.config, layer.index, f"layers.{layer.index}.mixer."
+        a = next(o for o in layer.ops if o.kind == "ssd_scan").a
+        H, P, G, N, chunk = a["heads"], a["head_dim"], a["groups"], a["state_size"], a["chunk_size"]
+        K = c.conv_kernel
+        M, D, C, di, ind = B * T, c.hidden_size, c.conv_dim, c.d_inner, c.in_proj_dim
+        zx = self._empty((M, ind), self.dtype)
+        self._linear(pre + "in_proj", self._ptr(h), D, self._ptr(zx), ind, M)
+        if rec:
+            rec(pre + "in_proj", zx)
+        xbc = self._empty((M, C), self.dtype)
+        w, bias = self.p[pre + "conv1d.weight"], self.p.get(pre + "conv1d.bias")
+        self._run(self._k("conv1d_prefill"), launch_conv_prefill(B, T, C), self._ptr(zx, di), ind, w, bias,
+                  st.conv[i], mask_d, xbc, T, C, K, CONV_TT)
+        self._run(self._k("conv1d_state_update"), launch_flat(B * C, 256, "conv1d_state_update"),
+                  self._ptr(zx, di), ind, st.conv[i], mask_d, B, T, C, K)
+        if rec:
+            rec(pre + "conv1d", xbc)
+        nc = cdiv(T, chunk)
+        L = ssd_launches(B, T, H, P, N, chunk)
+        dtd, cum = self._empty((B, H, T), "float32"), self._empty((B, H, T), "float64")
+        lo = float(a["dt_min"])
+        hi = float(a["dt_max"]) if a["dt_max"] is not None else float("inf")
+        self._run(self._k("ssd_dt_cumsum"), L["ssd_dt_cumsum"], self._ptr(zx, di + C), ind, self.p[pre + "dt_bias"],
+                  self.A[i], dtd, cum, B, T, H, chunk, lo, hi)
+        states = self._empty((B, nc, H, P, N), "float32")
+        self._run(self._k("ssd_chunk_state"), L["ssd_chunk_state"], xbc, dtd, cum, states, T, H, P, G, N, chunk)
+        self._run(self.kernels["ssd_state_passing"], L["ssd_state_passing"], states, st.ssm[i], cum, B, T, H, P * N,
+                  chunk)
+        y = self._empty((M, di), "float32")
+        self._run(self._k("ssd_chunk_scan"), L["ssd_chunk_scan"], xbc, dtd, cum, states, self.p[pre + "D"], y, T, H,
+                  P, G, N, chunk)
+        if rec:
+            rec(pre + "ssd", y, "float32")
+        return self._mamba_tail(layer, zx, y, M, rec)
+
+    def _mamba_tail(self, layer: Layer, zx, y, M: int, rec, yn=None, out=None):
+        """Gated norm and out_proj; `yn`/`out` given = a decode step's static buffers."""
+        c, pre = self.graph.config, f"layers.{layer.index}.mixer."
+        decode = yn is not None
+        gn = next(o for o in layer.ops if o.kind == "gated_rmsnorm").a
+        di, ind, D = c.d_inner, c.in_proj_dim, c.hidden_size
+        yn = yn if yn is not None else self._empty((M, di), self.dtype)
+        self._run(self._k("gated_rmsnorm"), launch_gated_norm(M, c.n_groups), y, zx, ind, self.p[pre + "norm.weight"],
+                  yn, di, gn["group_size"], float(gn["eps"]))
+        if rec:
+            rec(pre + "gated_norm", yn)
+        out = out if out is not None else self._empty((M, D), self.dtype)
+        self._linear(pre + "out_proj", self._ptr(yn), di, self._ptr(out), D, M, decode=decode)
+        if rec:
+            rec(pre + "out_proj", out)
+        return out
+
+    def _attention_prefill(self, layer: Layer, h, st: CupyState, mask_d, len_p: Ptr, B: int, T: int, rec):
+        c, i, pre = self.graph.config, layer.index, f"layers.{layer.index}.mixer."
+        a = next(o for o in layer.ops if o.kind == "attention").a
+        Q, KV, Dh = a["heads"], a["kv_heads"], a["head_dim"]
+        M, D = B * T, c.hidden_size
+        q, kn, vn = (self._empty((M, n * Dh), self.dtype) for n in (Q, KV, KV))
+        for name, buf, n in (("q_proj", q, Q), ("k_proj", kn, KV), ("v_proj", vn, KV)):
+            self._linear(pre + name, self._ptr(h), D, self._ptr(buf), n * Dh, M)
+        self._run(self._k("kv_append"), _l((B * T,), (128,), "kv_append"), kn, vn, KV * Dh, st.k[i], st.v[i],
+                  st.kmask, mask_d, len_p, T, st.max_len, KV * Dh)
+        att = self._empty((M, Q * Dh), self.dtype)
+        self._run(self._k("attn_prefill"), launch_attn_prefill(B, T, Q), q, Q * Dh, st.k[i], st.v[i], st.kmask,
+                  len_p, att, T, Q, KV, Dh, st.max_len, float(a["scale"]))
+        if rec:
+            rec(pre + "attention", att)
+        out = self._empty((M, D), self.dtype)
+        self._linear(pre + "o_proj", self._ptr(att), Q * Dh, self._ptr(out), D, M)
+        if rec:
+            rec(pre + "o_proj", out)
+        return out
+
+    def _mlp(self, pre: str, h, M: int, rec, up=None, out=None):
+        """Squared-ReLU MLP; `up`/`out` given = a decode step's static buffers."""
+        c = self.graph.config
+        D = c.hidden_size
+        I = self.p[pre + "up_proj.weight"].shape[0]
+        decode = up is not None
+        up = up if up is not None else self._empty((M, I), self.dtype)
+        self._linear(pre + "up_proj", self._ptr(h), D, self._ptr(up), I, M, act=True, decode=decode)
+        if rec:
+            rec(pre + "up_proj", up)
+        out = out if out is not None else self._empty((M, D), self.dtype)
+        self._linear(pre + "down_proj", self._ptr(up), I, self._ptr(out), D, M, decode=decode)
+        if rec:
+            rec(pre + "down_proj", out)
+        return out
+
+    def _moe(self, layer: Layer, h, M: int, rec, dec: dict | None):
+        """MoE for M token rows. Up to 8 rows (and every decode step): gathered expert GEMVs on the
+        device, no host sync. More rows: pairs sorted by expert on the host (stable, as the torch
+        executor), one cuBLAS matmul pair per used expert, combined in slot order."""
+        cp, c, pre = self._cp, self.graph.config, f"layers.{layer.index}.mixer."
+        a = next(o for o in layer.ops if o.kind == "moe_router").a
+        E, k, D = a["experts"], a["top_k"], c.hidden_size
+        L, I = c.moe_input_size, c.moe_intermediate_size
+        buf = (lambda name, shape, dt=self.dtype: dec[name]) if dec is not None else \
+            (lambda name, shape, dt=self.dtype: self._empty(shape, dt))
+        w_d, idx_d = buf("topk_w", (M, k), "float32"), buf("topk_idx", (M, k), "int32")
+        self._run(self._k("moe_router"), _l((M,), (256,), "moe_router"), h, self.p[pre + "gate.weight"],
+                  self.p[pre + "gate.e_score_correction_bias"], w_d, idx_d, D, E, k, a["n_group"], a["topk_group"],
+                  int(a["norm_topk_prob"]), float(a["routed_scaling_factor"]))
+        if rec:
+            rec(pre + "router", w_d, "float32")
+        xin = h
+        if c.moe_latent_size is not None:
+            xin = buf("lat", (M, L))
+            self._linear(pre + "fc1_latent_proj", self._ptr(h), D, self._ptr(xin), L, M, decode=dec is not None)
+        up, down = self.p[pre + "experts.up_proj"], self.p[pre + "experts.down_proj"]
+        eup, edn = buf("eup", (M * k, I)), buf("edown", (M * k, L))
+        routed = buf("routed", (M, L))
+        if dec is not None or M <= GEMV_MMAX:
+            vu = vec_ok(L, self.isz, up.data.ptr, L, xin.data.ptr, L)
+            self._run(self._k("moe_gemv"), launch_gemv(I, M * k, "moe_gemv"), up, idx_d, xin, L, k, eup, I, L, 1,
+                      int(vu))
+            vd = vec_ok(I, self.isz, down.data.ptr, I, eup.data.ptr, I)
+            self._run(self._k("moe_gemv"), launch_gemv(L, M * k, "moe_gemv"), down, idx_d, eup, I, 1, edn, L, I, 0,
+                      int(vd))
+            pos = None
+        else:
+            flat = idx_d.get(stream=self.stream)
+            self.stream.synchronize()
+            flat = flat.reshape(-1)
+            order = np.argsort(flat, kind="stable")
+            counts = np.bincount(flat, minlength=E)
+            pos_h = np.empty_like(order)
+            pos_h[order] = np.arange(order.size)
+            rows = cp.asarray((order // k).astype(np.int32))
+            pos = cp.asarray(pos_h.astype(np.int32))
+            xg = self._empty((M * k, L), self.dtype)
+            self._run(self._k("gather_rows"), _l((M * k,), (256,), "gather_rows"), xin, rows, xg, L)
+            start = 0
+            for e, n in enumerate(counts.tolist()):
+                if n:
+                    self._gemm(self._ptr(xg, start * L), L, self._ptr(up, e * I * L), self._ptr(eup, start * I), I,
+                               n, I, L)
+                start += n
+            self._run(self._k("relu2"), launch_grid_stride(M * k * I, "relu2"), eup, np.int64(M * k * I))
+            start = 0
+            for e, n in enumerate(counts.tolist()):
+                if n:
+                    self._gemm(self._ptr(eup, start * I), I, self._ptr(down, e * L * I), self._ptr(edn, start * L), L,
+                               n, L, I)
+                start += n
+        self._run(self._k("moe_combine"), _l((M,), (256,), "moe_combine"), w_d, edn, pos, routed, L, k)
+        if rec:
+            rec(pre + "experts", routed)
+        out = routed
+        if c.moe_latent_size is not None:
+            out = buf("routed_out", (M, D))
+            self._linear(pre + "fc2_latent_proj", self._ptr(routed), L, self._ptr(out), D, M, decode=dec is not None)
+        if pre + "shared_experts.up_proj.weight" in self.p:
+            sh = self._mlp(pre + "shared_experts.", h, M, rec, up=dec["sup"] if dec else None,
+                           out=dec["shared"] if dec else None)
+            total = buf("out", (M, D))
+            self._run(self._k("add"), launch_grid_stride(M * D, "add"), out, sh, total, np.int64(M * D))
+            out = total
+        if rec:
+            rec(pre + "combine", out)
+        return out
+
+    # decode -----------------------------------------------------------------------------------
+    def _decode_buffers(self, st: CupyState) -> None:
+        c = self.graph.config
+        splits = decode_splits(st.max_len, st.batch, c.num_key_value_heads, self.n_sm)
+        if st.dec is not None and st.splits == splits:
+            return
+        st.dec = {name: self._zeros(shape, dt) for name, (shape, dt) in
+                  decode_buffers(self.graph, st.batch, splits).items()}
+        st.splits = splits
+        st.epoch += 1
+
+    def _decode(self, st: CupyState, ids: torch.Tensor, m: np.ndarray, rec):
+        B = st.batch
+        self._decode_buffers(st)
+        ctrl = np.concatenate([ids.reshape(-1).to(torch.int32).numpy(), m.reshape(-1), [st.length]]).astype(np.int32)
+        st.ctrl.set(ctrl, stream=self.stream)
+        plan = st.graph.plan(st.epoch, enabled=self.cuda_graphs, trace=rec is not None)
+        if plan in ("eager", "warmup"):
+            self._decode_kernels(st, rec)
+            if plan == "warmup":
+                st.graph.warmed(st.epoch)
+        else:
+            if plan == "capture":
+                self.stream.begin_capture()
+                try:
+                    self._decode_kernels(st, None)
+                finally:
+                    graph = self.stream.end_capture()
+                st.graph.captured(st.epoch, graph)
+            graph = st.graph.graph
+            graph.launch(self.stream)
+            st.graph.replayed()
+        out = self._download(st.dec["logits"], self.dtype)
+        if rec:
+            rec.put("lm_head", out.view(B, 1, -1))
+        return out
+
+    def _decode_kernels(self, st: CupyState, rec) -> None:
+        """One token for each of the B rows, from st.ctrl (ids | mask | cached length) into
+        st.dec["logits"]; only static buffers, so the same launches can be captured as a graph."""
+        g, c, d = self.graph, self.graph.config, st.dec
+        B, D = st.batch, c.hidden_size
+        ids_p, mask_p, len_p = self._ptr(st.ctrl), self._ptr(st.ctrl, B), self._ptr(st.ctrl, 2 * B)
+        x, h = d["x"], d["h"]
+        self._run(self._k("embedding"), _l((B,), (256,), "embedding"), ids_p, self.p["embeddings.weight"], x, D,
+                  c.vocab_size)
+        if rec:
+            rec("embeddings", x)
+        delta = None
+        for layer in g.layers:
+            i, pre = layer.index, f"layers.{layer.index}.mixer."
+            norm = layer.ops[0]
+            self._run(self._k("add_rmsnorm"), launch_rows(B, D), x, delta, self.p[f"layers.{i}.norm.weight"], h,
+                      mask_p if layer.kind == "mamba" else None, D, float(norm.a["eps"]))
+            if rec and i > 0:
+                rec(f"layers.{i - 1}", x)
+            if rec:
+                rec(norm.name, h)
+            if layer.kind == "mamba":
+                a = next(o for o in layer.ops if o.kind == "ssd_scan").a
+                H, P, G, N = a["heads"], a["head_dim"], a["groups"], a["state_size"]
+                C, di, ind = c.conv_dim, c.d_inner, c.in_proj_dim
+                zx, xbc = d["zxbcdt"], d["xbc"]
+                self._linear(pre + "in_proj", self._ptr(h), D, self._ptr(zx), ind, B, decode=True)
+                if rec:
+                    rec(pre + "in_proj", zx)
+                self._run(self._k("conv1d_step"), launch_flat(B * C, 256, "conv1d_step"), self._ptr(zx, di), ind,
+                          self.p[pre + "conv1d.weight"], self.p.get(pre + "conv1d.bias"), st.conv[i], mask_p, xbc,
+                          B, C, c.conv_kernel)
+                if rec:
+                    rec(pre + "conv1d", xbc)
+                lo = float(a["dt_min"])
+                hi = float(a["dt_max"]) if a["dt_max"] is not None else float("inf")
+                self._run(self._k("ssd_step"), _l((H, B), (128,), "ssd_step"), xbc, C, self._ptr(zx, di + C), ind,
+                          self.p[pre + "dt_bias"], self.A[i], self.p[pre + "D"], st.ssm[i], d["y"], H, P, G, N, lo, hi)
+                if rec:
+                    rec(pre + "ssd", d["y"], "float32")
+                delta = self._mamba_tail(layer, zx, d["y"], B, rec, yn=d["yn"], out=d["out"])
+            elif layer.kind == "attention":
+                a = next(o for o in layer.ops if o.kind == "attention").a
+                Q, KV, Dh = a["heads"], a["kv_heads"], a["head_dim"]
+                for name, buf, n in (("q_proj", "q", Q), ("k_proj", "k", KV), ("v_proj", "v", KV)):
+                    self._linear(pre + name, self._ptr(h), D, self._ptr(d[buf]), n * Dh, B, decode=True)
+                self._run(self._k("kv_append"), _l((B,), (128,), "kv_append"), d["k"], d["v"], KV * Dh, st.k[i],
+                          st.v[i], st.kmask, mask_p, len_p, 1, st.max_len, KV * Dh)
+                self._run(self._k("attn_decode_split"), _l((st.splits, KV, B), (128,), "attn_decode_split"), d["q"],
+                          st.k[i], st.v[i], st.kmask, len_p, d["part"], Q, KV, Dh, st.max_len, st.splits,
+                          float(a["scale"]))
+                self._run(self._k("attn_decode_combine"), _l((Q, B), (cdiv(Dh, 32) * 32,), "attn_decode_combine"),
+                          d["part"], d["att"], Q, Dh, st.splits)
+                if rec:
+                    rec(pre + "attention", d["att"])
+                self._linear(pre + "o_proj", self._ptr(d["att"]), Q * Dh, self._ptr(d["out"]), D, B, decode=True)
+                if rec:
+                    rec(pre + "o_proj", d["out"])
+                delta = d["out"]
+            elif layer.kind == "mlp":
+                delta = self._mlp(pre, h, B, rec, up=d["up"], out=d["out"])
+            else:
+                delta = self._moe(layer, h, B, rec, d)
+        self._run(self._k("add_rmsnorm"), launch_rows(B, D), x, delta, self.p["norm_f.weight"], h, None, D,
+                  float(g.head.ops[0].a["eps"]))
+        if rec:
+            rec(f"layers.{g.layers[-1].index}", x)
+            rec("norm_f", h)
+        self._linear("lm_head", self._ptr(h), D, self._ptr(d["logits"]), c.vocab_size, B, decode=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Roofline of one decode step (predicted, from the IR's shapes; see cupy_kernels/NOTES.md)
+# ----------------------------------------------------------------------------------------------
+
+def decode_roofline(graph: Graph, batch: int = 1, context: int = 0) -> dict[str, tuple[int, int, int]]:
+    """kernel -> (bytes moved, FLOPs, launches) for one decode step of `batch` rows with `context`
+    cached tokens: each input read once, each output written once (the floor, not a measurement)."""
+    c, B, S = graph.config, batch, context
+    e = ITEMSIZE[graph.dtype]
+    D, V = c.hidden_size, c.vocab_size
+    rows: dict[str, list[int]] = {}
+
+    def add(kernel: str, nbytes: int, flops: int) -> None:
+        r = rows.setdefault(kernel, [0, 0, 0])
+        r[0] += nbytes
+        r[1] += flops
+        r[2] += 1
+
+    def gemv(kernel: str, n_in: int, n_out: int) -> None:  # weights once, activations per row
+        add(kernel, n_out * n_in * e + B * (n_in + n_out) * e, 2 * B * n_in * n_out)
+
+    add("embedding", B * D * e * 2 + B * 4, 0)
+    for layer in graph.layers:
+        add("add_rmsnorm", B * D * e * 4 + D * e, 4 * B * D)  # x, delta in; x, h out; weight
+        if layer.kind == "mamba":
+            H, P, N, G, K = c.mamba_num_heads, c.mamba_head_dim, c.ssm_state_size, c.n_groups, c.conv_kernel
+            C, di = c.conv_dim, c.d_inner
+            gemv("gemv (in_proj)", D, c.in_proj_dim)
+            add("conv1d_step", B * C * e * 2 + C * (K + 1) * e + 2 * B * C * (K - 1) * e, B * C * (2 * K + 4))
+            add("ssd_step", 2 * B * H * P * N * 4 + B * (di + 2 * G * N + H) * e + B * di * 4 + 3 * H * 4,
+                B * H * P * (4 * N + 2))
+            add("gated_rmsnorm", B * di * (4 + e + e) + di * e, 8 * B * di)
+            gemv("gemv (out_proj)", di, D)
+        elif layer.kind == "attention":
+            Q, KV, Dh = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+            gemv("gemv (q,k,v)", D, (Q + 2 * KV) * Dh)
+            add("kv_append", 4 * B * KV * Dh * e, 0)
+            add("attn_decode", 2 * B * (S + 1) * KV * Dh * e + B * (S + 1) * 4 + 2 * B * Q * Dh * e,
+                4 * B * Q * Dh * (S + 1))
+            gemv("gemv (o_proj)", Q * Dh, D)
+        elif layer.kind == "mlp":
+            gemv("gemv (up, relu2)", D, c.intermediate_size)
+            gemv("gemv (down)", c.intermediate_size, D)
+        else:
+            k, L, I, E = c.num_experts_per_tok, c.moe_input_size, c.moe_intermediate_size, c.n_routed_experts
+            add("moe_router", E * D * e + E * 4 + B * D * e + 8 * B * k, 2 * B * E * D)
+            if c.moe_latent_size is not None:
+                gemv("gemv (latent)", D, L)
+                gemv("gemv (latent)", L, D)
+            used = min(E, B * k)  # distinct experts read at most
+            add("moe_gemv", 2 * used * I * L * e + B * k * (I + L) * e * 2, 4 * B * k * I * L)
+            add("moe_combine", B * k * (L * e + 4) + B * L * e, 2 * B * k * L)
+            if c.n_shared_experts and c.moe_shared_expert_intermediate_size:
+                gemv("gemv (shared)", D, c.moe_shared_expert_intermediate_size)
+                gemv("gemv (shared)", c.moe_shared_expert_intermediate_size, D)
+    add("add_rmsnorm", B * D * e * 4 + D * e, 4 * B * D)
+    gemv("gemv (lm_head)", D, V)
+    return {k: tuple(v) for k, v in rows.items()}
+
+
+def _roofline_main(argv: list[str]) -> int:
+    import argparse
+
+    from nemoh.config import load_config
+    from nemoh.ir import build_graph
+
+    ap = argparse.ArgumentParser(prog="python -m nemoh.backends.cupy_backend",
+                                 description="Predicted decode-step roofline from a config.json")
+    ap.add_argument("config")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--context", type=int, default=0)
+    ap.add_argument("--bandwidth", type=float, default=3.35e12, help="bytes/s (H100 SXM HBM3 datasheet)")
+    a = ap.parse_args(argv)
+    g = build_graph(load_config(a.config), a.dtype)
+    rows = decode_roofline(g, a.batch, a.context)
+    tb = sum(r[0] for r in rows.values())
+    print(f"| kernel | launches | bytes | FLOPs | floor at {a.bandwidth / 1e12:.2f} TB/s |")
+    print("|---|---:|---:|---:|---:|")
+    for k, (nb, fl, n) in sorted(rows.items(), key=lambda kv: -kv[1][0]):
+        print(f"| {k} | {n} | {nb / 1e6:,.2f} MB | {fl / 1e9:,.3f} GFLOP | {nb / a.bandwidth * 1e6:,.1f} us |")
+    print(f"| **total** | {sum(r[2] for r in rows.values())} | {tb / 1e9:,.3f} GB | "
+          f"{sum(r[1] for r in rows.values()) / 1e9:,.2f} GFLOP | {tb / a.bandwidth * 1e3:,.3f} ms |")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(_roofline_main(sys.argv[1:]))

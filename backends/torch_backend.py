@@ -212,55 +212,75 @@ class TorchBackend:
     def _linear(self, name: str, x):
         return F.linear(x, self.p[f"{name}.weight"], self.p.get(f"{name}.bias"))
 
+    # -- seams: one natural sub-step each (tests inject the bugs real engines shipped here) ------
+    def _pad(self, x, pad):
+        """Zero the padding positions (pad [B, T, 1] bool, or None for no padding)."""
+        return x if pad is None else x * pad
+
+    def _heads(self, t, H: int):
+        """[B, T, G, N] -> [B, T, H, N]: contiguous heads share a group, g(h) = h // (H/G)."""
+        return t.repeat_interleave(H // t.shape[2], dim=2)
+
+    def _conv(self, conv_state, xBC, w, b, K: int):
+        """Causal depthwise conv + SiLU over [carried K-1 inputs | new inputs] -> (y [B,T,C], new state:
+        the last K-1 *inputs*, not outputs)."""
+        full = torch.cat([conv_state, xBC.transpose(1, 2)], dim=-1)  # [B, C, K-1+T]
+        y = F.silu(F.conv1d(full, w, b, groups=w.shape[0])).transpose(1, 2)
+        return y, full[:, :, -(K - 1):].clone()
+
+    def _dt(self, dt, dt_bias, a):
+        """softplus(dt + dt_bias) clamped to time_step_limit (default (0, inf): no clamp)."""
+        d = F.softplus(dt.to(self.acc) + dt_bias.to(self.acc))
+        return d.clamp(min=a["dt_min"], max=a["dt_max"] if a["dt_max"] is not None else float("inf"))
+
+    def _ssd(self, x, dt, A, B, C, D, s0, chunk: int):
+        """The scan continuing from the carried state s0: single-step update for one token."""
+        if x.shape[1] == 1:
+            y, s = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, s0)
+            return y[:, None], s
+        return ssd_prefill(x, dt, A, B, C, D, s0, chunk)
+
+    def _gated_norm(self, y, z, w, group_size: int, eps: float):
+        """Gate first, then RMS-normalise each group of `group_size` contiguous channels."""
+        v = (y * F.silu(z.to(self.acc))).unflatten(-1, (-1, group_size))
+        v = (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2)
+        return (w.to(self.acc) * v).to(self.dtype)
+
     def _mamba(self, layer: Layer, h, state: TorchState, pad, rec):
         i, pre = layer.index, f"layers.{layer.index}.mixer."
         ops = {o.name.removeprefix(pre): o for o in layer.ops}
         a = ops["ssd"].a
         H, P, G, N = a["heads"], a["head_dim"], a["groups"], a["state_size"]
         Bsz, T, _ = h.shape
-        if pad is not None:
-            h = h * pad
-        zxbcdt = self._linear(pre + "in_proj", h)
+        zxbcdt = self._linear(pre + "in_proj", self._pad(h, pad))
         rec(pre + "in_proj", zxbcdt)
         z, xBC, dt = torch.split(zxbcdt, list(ops["split_zxbcdt"].a["sizes"]), dim=-1)
-        # conv over [carried K-1 inputs | new inputs]; the new state is the last K-1 *inputs*
-        if pad is not None:
-            xBC = xBC * pad
-        full = torch.cat([state.conv[i], xBC.transpose(1, 2)], dim=-1)  # [B, C, K-1+T]
-        state.conv[i] = full[:, :, -(ops["conv1d"].a["kernel"] - 1):].clone()
-        w = self.p[pre + "conv1d.weight"]
-        xBC = F.silu(F.conv1d(full, w, self.p.get(pre + "conv1d.bias"), groups=w.shape[0])).transpose(1, 2)
-        if pad is not None:
-            xBC = xBC * pad
+        xBC, state.conv[i] = self._conv(state.conv[i], self._pad(xBC, pad), self.p[pre + "conv1d.weight"],
+                                        self.p.get(pre + "conv1d.bias"), ops["conv1d"].a["kernel"])
+        xBC = self._pad(xBC, pad)
         rec(pre + "conv1d", xBC)
         xs, Bm, Cm = torch.split(xBC, list(ops["split_xbc"].a["sizes"]), dim=-1)
         # SSM in fp32 (fp64 for fp64)
         acc = self.acc
-        dtd = F.softplus(dt.to(acc) + self.p[pre + "dt_bias"].to(acc))
-        dtd = dtd.clamp(min=a["dt_min"], max=a["dt_max"] if a["dt_max"] is not None else float("inf"))
+        dtd = self._dt(dt, self.p[pre + "dt_bias"], a)
         xs = xs.reshape(Bsz, T, H, P).to(acc)
-        Bm = Bm.reshape(Bsz, T, G, N).to(acc).repeat_interleave(H // G, dim=2)  # contiguous heads per group
-        Cm = Cm.reshape(Bsz, T, G, N).to(acc).repeat_interleave(H // G, dim=2)
-        A, D = self.A[i], self.p[pre + "D"].to(acc)
-        s0 = state.ssm[i].to(acc)
-        if T == 1:
-            y, s = ssd_step(xs[:, 0], dtd[:, 0], A, Bm[:, 0], Cm[:, 0], D, s0)
-            y = y[:, None]
-        else:
-            y, s = ssd_prefill(xs, dtd, A, Bm, Cm, D, s0, a["chunk_size"])
+        Bm = self._heads(Bm.reshape(Bsz, T, G, N).to(acc), H)
+        Cm = self._heads(Cm.reshape(Bsz, T, G, N).to(acc), H)
+        y, s = self._ssd(xs, dtd, self.A[i], Bm, Cm, self.p[pre + "D"].to(acc), state.ssm[i].to(acc), a["chunk_size"])
         state.ssm[i] = s.to(state.ssm[i].dtype)
         y = y.reshape(Bsz, T, H * P)
         rec(pre + "ssd", y)
-        # gated RMSNorm: gate first, then normalise each group of contiguous channels
-        gs = ops["gated_norm"].a["group_size"]
-        v = y * F.silu(z.to(acc))
-        v = v.unflatten(-1, (-1, gs))
-        v = (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + ops["gated_norm"].a["eps"])).flatten(-2)
-        yn = (self.p[pre + "norm.weight"].to(acc) * v).to(self.dtype)
+        yn = self._gated_norm(y, z, self.p[pre + "norm.weight"], ops["gated_norm"].a["group_size"],
+                              ops["gated_norm"].a["eps"])
         rec(pre + "gated_norm", yn)
         out = self._linear(pre + "out_proj", yn)
         rec(pre + "out_proj", out)
         return out
+
+    def _qk(self, q, k, start: int):
+        """q [B, T, Q, Dh] (positions start..), k [B, S, KV, Dh] (positions 0..): Nemotron-H attention
+        has no positional encoding, so they pass through unchanged."""
+        return q, k
 
     def _attention(self, layer: Layer, h, state: TorchState, key_mask, rec):
         i, pre = layer.index, f"layers.{layer.index}.mixer."
@@ -273,6 +293,7 @@ class TorchBackend:
         state.k[i] = k = torch.cat([state.k[i], k], dim=1)
         state.v[i] = v = torch.cat([state.v[i], v], dim=1)
         S_all = k.shape[1]
+        q, k = self._qk(q, k, S_all - T)
         pos = torch.arange(S_all, device=h.device)
         visible = (pos[None, :] <= pos[S_all - T:, None])[None, None] & key_mask[:, None, None, :]  # [B,1,T,S]
         has_key = visible.any(-1, keepdim=True)
@@ -294,6 +315,18 @@ class TorchBackend:
         rec(pre + "down_proj", out)
         return out
 
+    def _router_bias(self, pre: str):
+        """The correction bias, kept in fp32: large values with a tiny spread."""
+        return self.p[pre + "gate.e_score_correction_bias"]
+
+    def _route_weights(self, scores, choice, idx):
+        """Weights are the raw sigmoid scores of the chosen experts (the bias only chooses)."""
+        return scores.gather(1, idx)
+
+    def _shared_input(self, h, pre: str):
+        """The shared expert reads the original (normed) hidden state, not the latent."""
+        return h
+
     def _moe(self, layer: Layer, h, rec):
         pre = f"layers.{layer.index}.mixer."
         a = next(o for o in layer.ops if o.kind == "moe_router").a
@@ -301,7 +334,7 @@ class TorchBackend:
         shape = h.shape
         hf = h.reshape(-1, shape[-1])
         scores = torch.sigmoid(hf.to(acc) @ self.p[pre + "gate.weight"].to(acc).T)  # [M, E]
-        choice = scores + self.p[pre + "gate.e_score_correction_bias"].to(acc)
+        choice = scores + self._router_bias(pre).to(acc)
         M, E = choice.shape
         ng, per = a["n_group"], E // a["n_group"]
         if ng > 1:
@@ -310,7 +343,7 @@ class TorchBackend:
             keep.scatter_(1, gscore.topk(a["topk_group"], dim=-1).indices, True)
             choice = choice.masked_fill(~keep.repeat_interleave(per, dim=1), float("-inf"))
         idx = choice.topk(a["top_k"], dim=-1).indices  # [M, k]
-        w = scores.gather(1, idx)
+        w = self._route_weights(scores, choice, idx)
         if a["norm_topk_prob"]:
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
         w = w * a["routed_scaling_factor"]
@@ -336,6 +369,6 @@ class TorchBackend:
             routed = self._linear(pre + "fc2_latent_proj", routed)
         out = routed.view(shape)
         if pre + "shared_experts.up_proj.weight" in self.p:
-            out = out + self._mlp(pre + "shared_experts.", h, rec)  # on the original hidden state
+            out = out + self._mlp(pre + "shared_experts.", self._shared_input(h, pre), rec)
         rec(pre + "combine", out)
         return out

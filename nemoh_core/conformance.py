@@ -289,7 +289,7 @@ def select_suites(names: list[str] | None) -> list[Suite]:
 
 def run_conformance(model: str, backends: list[str], dtypes: list[str], suites: list[str] | None = None, *,
                     argv: list[str] | None = None, progress: bool = True, device: str | None = None,
-                    on_result=None) -> dict[str, Any]:
+                    deviations: bool = True, on_result=None) -> dict[str, Any]:
     from .presets import resolve_model
 
     path = resolve_model(model)
@@ -310,7 +310,7 @@ def run_conformance(model: str, backends: list[str], dtypes: list[str], suites: 
     }
     probe_ctx_prompt = torch.randint(4, config.vocab_size, (2, config.chunk_size + 37),
                                      generator=torch.Generator().manual_seed(config.chunk_size + 37))
-    report["deviations"] = probe_deviations(ref, probe_ctx_prompt)
+    report["deviations"] = probe_deviations(ref, probe_ctx_prompt) if deviations else []
 
     bar = _progress(progress)
     for spec, be in instances:

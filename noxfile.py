@@ -6,6 +6,8 @@ multi-GB CUDA build (see README).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["tests"]
@@ -26,6 +28,34 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def conformance(session: nox.Session) -> None:
+    """Every preset x every registered backend x (float32, bfloat16), into artifacts/conformance/.
+
+    Per preset: PRESET.json (schema reports/conformance.schema.json), PRESET.html and PRESET.junit.xml.
+    A backend that cannot run here (cupy without CUDA, onnx at bf16 on the CPU) reports NOT_SUPPORTED
+    with its reason; only a FAIL fails the session. `nox -s conformance -- --backend torch` narrows it.
+    """
+    install(session)
+    out = Path("artifacts/conformance")
+    out.mkdir(parents=True, exist_ok=True)
+    presets = session.run("python", "-c", "from nemoh.presets import PRESETS; print(' '.join(PRESETS))",
+                          silent=True).split()
+    backends = session.run("python", "-c", "from nemoh.registry import available_backends as a; "
+                           "print(','.join(sorted(a())))", silent=True).strip()
+    args = list(session.posargs) or ["--backend", backends]
+    failed = []
+    for preset in presets:
+        try:
+            session.run("nemoh", "conformance", "--model", preset, "--dtype", "float32,bfloat16", *args,
+                        "--json", str(out / f"{preset}.json"), "--html", str(out / f"{preset}.html"),
+                        "--junit", str(out / f"{preset}.junit.xml"), "--no-progress")
+        except nox.command.CommandFailed:
+            failed.append(preset)  # keep going: every preset gets its report
+    if failed:
+        session.error(f"conformance failed on: {', '.join(failed)} (see {out}/*.html)")
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", "nemoh_core", "backends", "suites", "reports", "tests", "noxfile.py")
@@ -36,3 +66,17 @@ def tolerances(session: nox.Session) -> None:
     """Re-measure the figures quoted in nemoh/tolerances.py."""
     install(session)
     session.run("python", "-m", "nemoh.measure_tolerances", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """nemoh-bench: the PyTorch executor against the transformers reference (docs/bench/README.md).
+
+    `nox -s bench` measures the small CPU preset into artifacts/bench/; `nox -s bench -- ARGS` runs
+    `nemoh-bench ARGS` instead (e.g. `-- --backend torch --model tiny-moe --prompt-lengths 512 2048`).
+    """
+    install(session)
+    args = session.posargs or ["--backend", "torch", "--model", "cpu-small", "--prompt-lengths", "512", "2048",
+                               "--context-depths", "128", "2048", "--json", "artifacts/bench/cpu-small.json",
+                               "--html", "artifacts/bench/cpu-small.html"]
+    session.run("nemoh-bench", *args)

@@ -143,3 +143,12 @@ BUGS = {
 }
 
 assert math.isfinite(len(BUGS)) and F is not None  # keep the imports honest for linters
+
+
+class Explodes(TorchBackend):
+    """Not a numerical bug: a backend that raises mid-run must give FAIL, not crash the harness."""
+
+    def forward(self, state, ids, mask=None, *, last_only=False, trace=None):
+        if ids.shape[1] == 1:
+            raise RuntimeError("kernel exploded")
+        return super().forward(state, ids, mask, last_only=last_only, trace=trace)

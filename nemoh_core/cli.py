@@ -154,6 +154,28 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    """lm-eval's own command line, every argument passed through, with the `nemoh` model registered."""
+    from .evals import lm_eval_cli
+
+    return lm_eval_cli(args.args)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """MMLU / GSM8K (or nemoh's fixture tasks) through lm-eval on a backend, offline only."""
+    from .evals import print_report, run_eval
+
+    if args.json is not None and not args.json.parent.exists():
+        raise NemohError(f"{args.json.parent}: no such directory for the output file {args.json.name}")
+    report = run_eval(args.model, args.backend, _csv(args.tasks), dtype=args.dtype, device=args.device,
+                      limit=args.limit, num_fewshot=args.num_fewshot, data_dir=args.data_dir,
+                      batch_size=args.batch_size, max_gen_toks=args.max_gen_toks, argv=["nemoh", *sys.argv[1:]])
+    print_report(report)
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2 (argparse would print the usage too)
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -176,6 +198,9 @@ def cmd_conformance(args: argparse.Namespace) -> int:
             raise NemohError(f"{p}: is a directory, expected a file path")
         if not p.parent.exists():
             raise NemohError(f"{p.parent}: no such directory for the output file {p.name}")
+    from .reference import quiet_transformers
+
+    quiet_transformers()
     report = run_conformance(args.model, _csv(args.backend), _csv(args.dtype), _csv(args.suite) or None,
                              argv=["nemoh", *sys.argv[1:]] if args.argv is None else args.argv,
                              progress=not args.no_progress, device=args.device)
@@ -289,6 +314,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="directory to write model.onnx into")
     p.add_argument("--dtype", choices=dtypes, default="float32", help="compute dtype (default float32)")
     p.set_defaults(func=cmd_export_onnx)
+
+    p = sub.add_parser("lm-eval", help="lm-eval's command line with the nemoh model registered (all arguments "
+                       "passed through, e.g. --model nemoh --model_args pretrained=DIR,backend=onnx --tasks ...)",
+                       add_help=False, prefix_chars="\0")  # nothing is ours to parse: --help goes to lm-eval
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_lm_eval)
+
+    p = sub.add_parser("eval", help="MMLU / GSM8K through lm-eval on a backend, from local data only")
+    p.add_argument("--model", required=True, help="checkpoint directory or preset name")
+    p.add_argument("--backend", default="torch")
+    p.add_argument("--tasks", required=True,
+                   help="TASK[,TASK...]: mmlu, gsm8k, nemoh_mmlu_fixture, nemoh_gsm8k_fixture")
+    p.add_argument("--dtype", choices=dtypes)
+    p.add_argument("--device")
+    p.add_argument("--limit", type=float, help="items per (sub)task; the result is then not a benchmark result")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's own)")
+    p.add_argument("--data-dir", type=Path, help="a Hugging Face datasets cache holding the tasks' data "
+                   "(default: HF_DATASETS_CACHE or ~/.cache/huggingface/datasets)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-gen-toks", type=int, help="cap generated tokens (changes the task: not a benchmark result)")
+    p.add_argument("--json", type=Path, help="write the results as JSON")
+    p.set_defaults(func=cmd_eval)
     return ap
 
 

@@ -170,6 +170,7 @@ def localise(ctx: Ctx, forwards: list[tuple[torch.Tensor, torch.Tensor | None]])
     st_b, st_o = be.new_state(B), oracle.OracleState()
     acc: dict[str, list[float]] = {}  # op or layer name -> [num, den]
     worst_call: dict[str, tuple[float, int]] = {}
+    first_bad: dict[str, int] = {}  # name -> first call where its own error left tolerance
     op_meta: dict[str, tuple[int, str, str]] = {}  # op name -> (layer index, layer kind, op kind)
 
     def add(name: str, a: torch.Tensor, b: torch.Tensor, call: int) -> None:
@@ -180,6 +181,8 @@ def localise(ctx: Ctx, forwards: list[tuple[torch.Tensor, torch.Tensor | None]])
         e = _rel(num, den)
         if name not in worst_call or not e <= worst_call[name][0]:
             worst_call[name] = (e, call)
+        if not e <= t_layer and name not in first_bad:
+            first_bad[name] = call
 
     for call, (ids, mask) in enumerate(forwards):
         tr: dict[str, torch.Tensor] = {}
@@ -215,12 +218,14 @@ def localise(ctx: Ctx, forwards: list[tuple[torch.Tensor, torch.Tensor | None]])
         out["message"] = ("every layer is within tolerance when checked in isolation; the error is in the "
                           "embedding or the head, or builds up from within-tolerance differences")
         return out
-    ops = [{"op": n, "kind": k, "error": _rel(*acc[n]), "worst_call": worst_call[n][1]}
+    ops = [{"op": n, "kind": k, "error": _rel(*acc[n]), "worst_call": worst_call[n][1],
+            "first_call_out_of_tolerance": first_bad.get(n)}
            for n, (li, _, k) in op_meta.items() if li == culprit["layer"]]
     first = next((o for o in ops if not o["error"] <= t_layer), None) or ops[-1]
+    call = first["first_call_out_of_tolerance"]
+    call = first["worst_call"] if call is None else call
     out.update(layer=culprit["layer"], kind=culprit["kind"], error=culprit["error"], op=first["op"],
-               op_kind=first["kind"], call=first["worst_call"], call_tokens=int(forwards[first["worst_call"]][0].shape[1]),
-               ops=ops)
+               op_kind=first["kind"], call=call, call_tokens=int(forwards[call][0].shape[1]), ops=ops)
     return out
 
 
@@ -312,7 +317,9 @@ def run_conformance(model: str, backends: list[str], dtypes: list[str], suites: 
                                      generator=torch.Generator().manual_seed(config.chunk_size + 37))
     report["deviations"] = probe_deviations(ref, probe_ctx_prompt) if deviations else []
 
-    bar = _progress(progress)
+    shape_ctx = [_ShapeCtx(config, build_graph(config, dt), dt) for dt in dtypes]
+    total = len(instances) * sum(len(s.cases(c)) for s in chosen for c in shape_ctx)
+    bar = _progress(progress, total)
     for spec, be in instances:
         for dtype in dtypes:
             run = {"backend": be.name, "spec": spec, "dtype": dtype, "describe": {}, "results": []}
@@ -374,7 +381,8 @@ def _run_case(suite: Suite, case: Case, ctx: Ctx) -> Result:
     except NemohError:
         raise
     except Exception as e:
-        res = Result(case, Status.FAIL, message=f"backend raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        res = Result(case, Status.FAIL, message=f"backend raised {type(e).__name__}: {first_line}",
                      details={"exception": type(e).__name__})
     if res.status is Status.FAIL and suite.scenario is not None:
         try:
@@ -407,7 +415,7 @@ def _worse(a: str | None, b: str) -> str:
     return b if a is None or _RANK[b] > _RANK[a] else a
 
 
-def _progress(enabled: bool):
+def _progress(enabled: bool, total: int):
     try:
         from tqdm import tqdm
     except ImportError:  # progress is a nicety, never a failure
@@ -418,5 +426,5 @@ def _progress(enabled: bool):
             def update(self, *_): ...
             def close(self): ...
         return _Null()
-    return tqdm(total=None, unit="case", file=sys.stderr, leave=False, disable=None)
+    return tqdm(total=total, unit="case", file=sys.stderr, leave=False, disable=None)
 

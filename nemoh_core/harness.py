@@ -20,7 +20,7 @@ import torch
 from .tolerances import tol
 
 
-class Status(str, enum.Enum):
+class Status(enum.StrEnum):
     OK = "OK"
     FAIL = "FAIL"
     NOT_SUPPORTED = "NOT_SUPPORTED"
@@ -79,17 +79,7 @@ class Result:
     def worst(self) -> Metric | None:
         """The judged metric closest to (or furthest past) its tolerance."""
         judged = [m for m in self.metrics if m.tolerance is not None]
-        if not judged:
-            return None
-
-        def badness(m: Metric) -> float:
-            if isinstance(m.value, float) and math.isnan(m.value):
-                return math.inf
-            if m.higher_is_better:
-                return (1 - m.value) / max(1 - m.tolerance, 1e-300)
-            return m.value / m.tolerance if m.tolerance else (math.inf if m.value else 0.0)
-
-        return max(judged, key=badness)
+        return max(judged, key=_badness) if judged else None
 
     def to_json(self) -> dict[str, Any]:
         w = self.worst()
@@ -121,10 +111,23 @@ def is_dataclass_instance(x: Any) -> bool:
 
 def judge(case: Case, metrics: Sequence[Metric], **kw: Any) -> Result:
     """OK when every judged metric is within tolerance, else FAIL naming the ones that are not."""
-    bad = [m for m in metrics if not m.ok]
+    bad = sorted((m for m in metrics if not m.ok), key=_badness, reverse=True)
     msg = "; ".join(f"{m.label + ' ' if m.label else ''}{m.name}={m.to_json()['value_repr']} "
-                    f"{'<' if m.higher_is_better else '>'} {m.tolerance:.3g}" for m in bad)
+                    f"{'<' if m.higher_is_better else '>'} {m.tolerance:.3g}" for m in bad[:3])
+    if len(bad) > 3:
+        msg += f"; and {len(bad) - 3} more metrics out of tolerance"
     return Result(case, Status.FAIL if bad else Status.OK, list(metrics), msg, **kw)
+
+
+def _badness(m: Metric) -> float:
+    """How far past (or short of) its tolerance a metric is, as a ratio; NaN is worst."""
+    if isinstance(m.value, float) and math.isnan(m.value):
+        return math.inf
+    if m.tolerance is None:
+        return 0.0
+    if m.higher_is_better:
+        return (1 - m.value) / max(1 - m.tolerance, 1e-300)
+    return m.value / m.tolerance if m.tolerance else (math.inf if m.value else 0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,21 +184,22 @@ def equiv_metrics(out: torch.Tensor, ref: torch.Tensor, dtype: str, label: str, 
 def state_metrics(out: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], dtype: str,
                   label: str) -> list[Metric]:
     """Per kind of carried state (conv, ssm, k, v), the metrics of its worst layer."""
-    from .tolerances import rel_max_abs
 
     worst: dict[str, tuple[float, str]] = {}
+    ms = []
     for k in ref:
         if k == "mask":
             continue
         kind = k.rsplit(".", 1)[-1]
-        v = math.inf if k not in out or out[k].shape != ref[k].shape else nmse(out[k], ref[k])
-        if kind not in worst or v > worst[kind][0]:
-            worst[kind] = (v, k)
-    ms = []
-    for kind, (v, name) in sorted(worst.items()):
-        if math.isinf(v):
-            ms.append(Metric("equiv_nmse", v, tol("equiv_nmse", dtype), label=f"{label} state {name} (missing)"))
+        if k not in out or out[k].shape != ref[k].shape:
+            got = list(out[k].shape) if k in out else "missing"
+            ms.append(Metric("state_shape_ok", 0.0, 1.0, higher_is_better=True,
+                             label=f"{label} state {k} ({got} vs {list(ref[k].shape)})"))
             continue
+        v = nmse(out[k], ref[k])
+        if kind not in worst or not v <= worst[kind][0]:  # NaN counts as worst
+            worst[kind] = (v, k)
+    for _kind, (_v, name) in sorted(worst.items()):
         ms += equiv_metrics(out[name], ref[name], dtype, f"{label} state {name}", logits=False)
     if out.get("mask") is not None and ref.get("mask") is not None and not torch.equal(out["mask"], ref["mask"]):
         ms.append(Metric("state_mask_equal", 0.0, 1.0, higher_is_better=True, label=f"{label} key mask"))

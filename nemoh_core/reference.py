@@ -23,6 +23,16 @@ import torch
 from .weights import TORCH_DTYPES
 
 
+def quiet_transformers() -> None:
+    """Silence transformers' load progress bars and kernel-fallback notes (for the CLI's output)."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def load_reference(path: str | Path, dtype: str = "float32", *, intended: bool = True):
     """transformers' model for the checkpoint at `path`, in eval mode, never touching the network."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

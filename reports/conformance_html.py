@@ -24,9 +24,16 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _err(v: Any) -> str:
+    """An error value; the JSON holds null for a non-finite one (NaN or inf)."""
+    return "NaN/inf" if v is None else _fmt(v)
+
+
 def _bar(error: float | None, tolerance: float | None) -> int:
-    """Bar width in percent on a log scale: tolerance sits at 50%."""
-    if error is None or tolerance in (None, 0) or error <= 0:
+    """Bar width in percent on a log scale: tolerance sits at 50%; non-finite is a full bar."""
+    if error is None:
+        return 100
+    if tolerance in (None, 0) or error <= 0:
         return 0 if not error else 100
     r = math.log10(error / tolerance)  # -inf..inf, 0 at the tolerance
     return int(max(1, min(100, 50 + 10 * r)))
@@ -38,6 +45,7 @@ def render(report: dict[str, Any]) -> str:
     env = Environment(autoescape=select_autoescape(default=True, default_for_string=True),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["fmt"] = _fmt
+    env.filters["err"] = _err
     env.globals["bar"] = _bar
     template = env.from_string((files("nemoh.reports") / "templates" / "conformance.html.j2").read_text("utf-8"))
     cols = [f"{r['spec']}/{r['dtype']}" for r in report["runs"]]

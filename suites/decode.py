@@ -18,7 +18,7 @@ def cases(ctx) -> list[Case]:
     c = ctx.config.chunk_size
     T = c + 24
     out = [Case("decode", f"prefill={P},steps={T - P},B={B}", (("P", P), ("T", T)), seed=11) for P in (1, c + 3)]
-    out.append(Case("decode", f"generate(N=16,prompt=24) vs transformers", (("N", 16), ("prompt", 24)), seed=12))
+    out.append(Case("decode", "generate(N=16,prompt=24) vs transformers", (("N", 16), ("prompt", 24)), seed=12))
     return out
 
 

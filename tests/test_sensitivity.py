@@ -33,4 +33,4 @@ def test_bug_is_caught_and_localised(bug):
 def test_unbroken_executor_passes_the_same_suites(preset):
     suites = sorted({s for p, s, *_ in BUGS.values() if p == preset})
     report = run_conformance(preset, ["torch"], ["float32"], suites, progress=False, deviations=False)
-    assert report["summary"]["exit_code"] == 0, [r["message"] for r in failing(report, s) for s in suites]
+    assert report["summary"]["exit_code"] == 0, [r["message"] for s in suites for r in failing(report, s)]

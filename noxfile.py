@@ -55,6 +55,23 @@ def conformance(session: nox.Session) -> None:
         session.error(f"conformance failed on: {', '.join(failed)} (see {out}/*.html)")
 
 
+@nox.session(name="eval")
+def eval_(session: nox.Session) -> None:
+    """`nemoh eval` on nemoh's fixture tasks (MMLU- and GSM8K-style, offline) for the torch and onnx
+    backends, into artifacts/eval/BACKEND.json. `nox -s eval -- ARGS` runs `nemoh eval ARGS` instead
+    (e.g. `-- --model DIR --backend onnx --tasks mmlu,gsm8k --num-fewshot 5 --data-dir HF_DATASETS_CACHE`).
+    """
+    install(session)
+    if session.posargs:
+        session.run("nemoh", "eval", *session.posargs)
+        return
+    out = Path("artifacts/eval")
+    out.mkdir(parents=True, exist_ok=True)
+    for backend in ("torch", "onnx"):
+        session.run("nemoh", "eval", "--model", "tiny-moe", "--backend", backend, "--dtype", "float32",
+                    "--tasks", "nemoh_mmlu_fixture,nemoh_gsm8k_fixture", "--json", str(out / f"{backend}.json"))
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")

@@ -1,8 +1,9 @@
 """Evaluations through lm-eval: `nemoh eval` (MMLU, GSM8K and nemoh's fixture tasks, offline only) and
 `nemoh lm-eval` (lm-eval's own command line with the `nemoh` model registered).
 
-Nothing here downloads: lm-eval runs with HF_HUB_OFFLINE=1 and HF_DATASETS_OFFLINE=1, and `nemoh eval`
-checks that every dataset a task reads is in the local Hugging Face datasets cache before it starts.
+Nothing here downloads: lm-eval runs with HF_HUB_OFFLINE=1 and HF_DATASETS_OFFLINE=1 (`nemoh lm-eval`
+keeps values the caller set explicitly), and `nemoh eval` checks that every dataset a task reads is in
+the local Hugging Face datasets cache before it starts.
 lm_eval is imported only inside functions, so `import nemoh.evals` stays light.
 """
 
@@ -37,11 +38,14 @@ def _need_lm_eval() -> None:
 
 
 @contextlib.contextmanager
-def offline(data_dir: Path | None = None) -> Iterator[None]:
-    """HF_HUB_OFFLINE / HF_DATASETS_OFFLINE on (unless the caller set them), and the datasets cache at
-    `data_dir` if given, for the duration. Libraries read these at import, so already-imported
-    `datasets` and `huggingface_hub` get the same values set on their config modules."""
-    env = {k: os.environ.get(k, "1") for k in OFFLINE_ENV}
+def offline(data_dir: Path | None = None, *, force: bool = True) -> Iterator[None]:
+    """HF_HUB_OFFLINE / HF_DATASETS_OFFLINE on for the duration (with force=False, only where the caller
+    has not set them), and the datasets cache at `data_dir` if given. Libraries read these at import,
+    so already-imported `datasets` and `huggingface_hub` get the same values on their config modules."""
+    with contextlib.suppress(ImportError):  # imported first, with the caller's settings, so that the
+        import datasets  # noqa: F401          # values set below are undone on the way out
+        import huggingface_hub  # noqa: F401
+    env = {k: "1" if force else os.environ.get(k, "1") for k in OFFLINE_ENV}
     if data_dir is not None:
         env["HF_DATASETS_CACHE"] = str(data_dir)
     saved_env = {k: os.environ.get(k) for k in env}
@@ -275,7 +279,7 @@ def lm_eval_cli(args: Sequence[str]) -> int:
     saved = sys.argv
     sys.argv = ["lm-eval", *args]
     try:
-        with offline():
+        with offline(force=False):  # `HF_DATASETS_OFFLINE=0 nemoh lm-eval ...` lets lm-eval download
             cli_evaluate()
     except SystemExit as e:
         if e.code is None or isinstance(e.code, int):

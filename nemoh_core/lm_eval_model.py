@@ -4,8 +4,9 @@
     lm_eval.simple_evaluate(model="nemoh", model_args="pretrained=DIR,backend=onnx,dtype=float32", ...)
 
 or from the shell, lm-eval's own command line with the model registered: `nemoh lm-eval --model nemoh
---model_args pretrained=DIR,backend=torch ... --tasks ...`. Importing this module is the one place in
-nemoh that imports lm_eval (the core never does); `register()` is the explicit spelling of the same.
+--model_args pretrained=DIR,backend=torch ... --tasks ...`. Registration is this module's import side
+effect, and its only one; `register()` is the explicit spelling. Nothing else in nemoh imports lm_eval
+at import time.
 
 model_args: pretrained (checkpoint directory or preset name; from Python also a loaded
 nemoh.runtime.Model), backend (default torch), dtype (default the config's), device, batch_size,
@@ -37,6 +38,7 @@ import torch
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+from tqdm import tqdm
 
 from .errors import NemohError, did_you_mean
 from .runtime import Model, open_model
@@ -106,16 +108,26 @@ class NemohLM(TemplateLM):
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> NemohLM:
-        """`pretrained=DIR,backend=onnx,...`: unknown keys are an error (a typo is not silently ignored)."""
-        args = lm_utils.simple_parse_args_string(arg_string)
+        return cls.create_from_arg_obj(lm_utils.simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> NemohLM:
+        """model_args plus lm-eval's own --batch_size / --max_batch_size / --device. Unknown model_args
+        keys are an error (a typo is not silently ignored)."""
+        args = dict(arg_dict)
         for k in args:
             if k not in cls.MODEL_ARGS:
                 raise NemohError(did_you_mean("nemoh model_args key", k, cls.MODEL_ARGS))
         if "pretrained" not in args:
             raise NemohError("nemoh model_args need pretrained=DIR (a checkpoint directory or a preset name)")
-        # lm-eval adds batch_size / max_batch_size / device from its own flags; others are not ours
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k in cls.MODEL_ARGS}
-        return cls(**{**args, **extra})
+        # lm-eval's command line sends --device cuda:0 unless told otherwise; on a machine without CUDA
+        # that default means nothing (lm-eval's hf model falls back to the CPU the same way)
+        dev = extra.get("device")
+        if isinstance(dev, str) and dev.startswith("cuda") and not torch.cuda.is_available():
+            log.info("no CUDA here: ignoring lm-eval's device %s (use model_args device=... to insist)", dev)
+            extra.pop("device")
+        return cls(**{**extra, **args})
 
     @staticmethod
     def _batch_size(batch_size: Any, max_batch_size: Any) -> int:
@@ -178,7 +190,7 @@ class NemohLM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
         pairs = [(list(ctx), list(cont)) for _, ctx, cont in requests]
-        out = self.score(pairs)
+        out = self.score(pairs, progress=not disable_tqdm)
         for (key, _, _), ans in zip(requests, out):
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, ans)
@@ -206,7 +218,7 @@ class NemohLM(TemplateLM):
         for idx in groups.values():
             kw = dict(requests[idx[0]].args[1] or {})
             until, max_new = self._gen_settings(kw)
-            texts = self.generate([requests[i].args[0] for i in idx], until, max_new)
+            texts = self.generate([requests[i].args[0] for i in idx], until, max_new, progress=not disable_tqdm)
             for i, text in zip(idx, texts):
                 out[i] = text
                 self.cache_hook.add_partial("generate_until", requests[i].args, text)
@@ -214,8 +226,8 @@ class NemohLM(TemplateLM):
 
     # -- scoring ------------------------------------------------------------------------------------
 
-    def score(self, pairs: Sequence[tuple[list[int], list[int]]], share_context: bool | None = None
-              ) -> list[tuple[float, bool]]:
+    def score(self, pairs: Sequence[tuple[list[int], list[int]]], share_context: bool | None = None,
+              progress: bool = False) -> list[tuple[float, bool]]:
         """(sum of log p(continuation | context), whether every continuation token is the argmax) per
         (context ids, continuation ids) pair, in the order given."""
         share = self.share_context if share_context is None else share_context
@@ -232,11 +244,15 @@ class NemohLM(TemplateLM):
             else:  # needs left truncation (or sharing is off): one full sequence per request
                 naive.append(i)
         contexts = sorted(shared, key=len, reverse=True)  # similar lengths together: little padding
-        for a in range(0, len(contexts), self.batch_size):
-            self._score_shared(contexts[a:a + self.batch_size], shared, pairs, res)
         naive.sort(key=lambda i: len(pairs[i][0]) + len(pairs[i][1]), reverse=True)
-        for a in range(0, len(naive), self.batch_size):
-            self._score_naive(naive[a:a + self.batch_size], pairs, res)
+        with tqdm(total=len(pairs), desc="nemoh loglikelihood", disable=not progress, leave=False) as bar:
+            for a in range(0, len(contexts), self.batch_size):
+                batch = contexts[a:a + self.batch_size]
+                self._score_shared(batch, shared, pairs, res)
+                bar.update(sum(len(shared[c]) for c in batch))
+            for a in range(0, len(naive), self.batch_size):
+                self._score_naive(naive[a:a + self.batch_size], pairs, res)
+                bar.update(len(naive[a:a + self.batch_size]))
         return res  # type: ignore[return-value]
 
     def _left_padded(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,7 +341,8 @@ class NemohLM(TemplateLM):
                              f"(do_sample={do_sample}, temperature={temperature})")
         return until, max_new
 
-    def generate(self, contexts: Sequence[str], until: Sequence[str], max_new: int) -> list[str]:
+    def generate(self, contexts: Sequence[str], until: Sequence[str], max_new: int, progress: bool = False
+                 ) -> list[str]:
         """Greedy continuations of `contexts`, each stopped at the first `until` string or the end token
         and cut before it (lm-eval's convention)."""
         max_ctx = self.max_length - max_new
@@ -334,10 +351,12 @@ class NemohLM(TemplateLM):
         enc = [self.tok_encode(c)[-max_ctx:] for c in contexts]
         order = sorted(range(len(enc)), key=lambda i: len(enc[i]), reverse=True)
         out: list[str] = [""] * len(enc)
-        for a in range(0, len(order), self.batch_size):
-            idx = order[a:a + self.batch_size]
-            for i, text in zip(idx, self._generate_batch([enc[i] for i in idx], until, max_new)):
-                out[i] = text
+        with tqdm(total=len(enc), desc="nemoh generate_until", disable=not progress, leave=False) as bar:
+            for a in range(0, len(order), self.batch_size):
+                idx = order[a:a + self.batch_size]
+                for i, text in zip(idx, self._generate_batch([enc[i] for i in idx], until, max_new)):
+                    out[i] = text
+                bar.update(len(idx))
         return out
 
     def _generate_batch(self, enc: list[list[int]], until: Sequence[str], max_new: int) -> list[str]:

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 
 
 def all_suites() -> dict[str, Suite]:
-    from . import decode, determinism, logits, prefill_chunks, weights
+    from . import decode, determinism, eval_parity, logits, prefill_chunks, weights
 
-    return {s.name: s for s in (logits.SUITE, prefill_chunks.SUITE, decode.SUITE, determinism.SUITE, weights.SUITE)}
+    return {s.name: s for s in (logits.SUITE, prefill_chunks.SUITE, decode.SUITE, determinism.SUITE, weights.SUITE,
+                                eval_parity.SUITE)}

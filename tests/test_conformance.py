@@ -32,7 +32,7 @@ def test_every_suite_passes_and_the_json_is_valid(full_report):
     assert full_report["summary"]["exit_code"] == 0, [
         (r["id"], r["message"]) for run in full_report["runs"] for r in run["results"] if r["status"] == "FAIL"]
     suites = {r["suite"] for run in full_report["runs"] for r in run["results"]}
-    assert suites == {"logits", "prefill-chunks", "decode", "determinism", "weights"}
+    assert suites == {"logits", "prefill-chunks", "decode", "determinism", "weights", "eval-parity"}
     for run in full_report["runs"]:
         for r in run["results"]:
             assert r["status"] == "OK" and r["metrics"], r["id"]

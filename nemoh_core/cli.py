@@ -252,6 +252,10 @@ def print_table(report: dict) -> None:
                 where = (f"  -> first diverging: layer {loc['layer']} ({loc['kind']}), op {loc['op']}"
                          f" (call {loc['call'] + 1}/{loc['calls']})") if loc.get("found") else ""
                 print(f"FAIL {col} {x['id']}: {x['message']}{where}")
+    for r, col in zip(runs, cols):
+        reasons = sorted({x["message"] for x in r["results"] if x["status"] in ("NOT_SUPPORTED", "SKIPPED")})
+        for reason in reasons:
+            print(f"not run {col}: {reason}")
     c = report["summary"]["counts"]
     print(f"{c['OK']} OK, {c['FAIL']} FAIL, {c['NOT_SUPPORTED']} NOT_SUPPORTED, {c['SKIPPED']} SKIPPED")
 

@@ -264,6 +264,7 @@ def measure_runner(runner, ids: torch.Tensor, s: Settings, clock: Clock, meter: 
     out: dict[str, Any] = {"prefill": [], "decode": []}
     for T in s.prompt_lengths:
         x = ids[:, :T]
+        release_memory()  # the last workload's freed buffers are not this one's peak
         phase = meter.start()
         times, walls, first, identical = [], [], None, True
         for r in range(s.warmup + s.repeats):
@@ -284,6 +285,7 @@ def measure_runner(runner, ids: torch.Tensor, s: Settings, clock: Clock, meter: 
             "peak_bytes": meter.peak_since(phase, baseline), "state_bytes": runner.state_bytes(h)})
         del h
     for S in s.context_depths:
+        release_memory()
         phase = meter.start()
         h = runner.new(B)
         logits0 = runner.step(h, ids[:, :S])  # the context: built once, not timed
@@ -504,11 +506,13 @@ def run_bench(s: Settings, argv: list[str] | None = None) -> dict[str, Any]:
         runner = None
         try:
             runner, load_s = build_runner(spec, target, device)
+            load_peak = meter.peak_since(phase)
+            release_memory()  # loading's freed temporaries are not weights
             entry["describe"] = runner.describe()
             entry["load_seconds"] = load_s
             entry["memory"] = {"method": meter.method, "baseline_bytes": base,
                                "weights_bytes": max(0, meter.current() - base),
-                               "load_peak_bytes": meter.peak_since(phase)}
+                               "load_peak_bytes": load_peak}
             bar = _progress(per_runner, spec, s.progress)
             try:
                 raws[spec] = measure_runner(runner, ids, s, clock, meter, base, bar)
@@ -591,6 +595,10 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _x(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}"
+
+
 def _gate_text(gt: dict[str, Any]) -> str:
     st = gt["status"]
     if st == "WRONG":
@@ -622,7 +630,7 @@ def format_report(result: dict[str, Any]) -> str:
             lines.append(f"{'':<9}{T:>6}  {e['name']:<10}{_gate_text(w['gate']):<13}{_ms(t['p50']):>10}"
                          f"{_ms(t['p90']):>9}{_ms(t['p99']):>9}{_pct(t['spread']):>8}"
                          f"{w['tokens_per_second']['p50']:>10.1f}{_si(w['limits']['achieved_flops'], ''):>13}"
-                         f"{_pct(w['limits']['flops_fraction_of_probe']):>9}{w['ratio_to_reference']:>7.2f}")
+                         f"{_pct(w['limits']['flops_fraction_of_probe']):>9}{_x(w['ratio_to_reference']):>7}")
     lines.append("")
     lines.append(f"{'decode':<9}{'S':>6}  {'backend':<10}{'gate':<13}{'TPOT p50':>10}{'p90':>9}{'p99':>9}"
                  f"{'spread':>8}{'tok/s':>10}{'B/s':>13}{'of probe':>9}{'x ref':>7}")
@@ -635,7 +643,7 @@ def format_report(result: dict[str, Any]) -> str:
             lines.append(f"{'':<9}{S:>6}  {e['name']:<10}{_gate_text(w['gate']):<13}{_ms(t['p50']):>10}"
                          f"{_ms(t['p90']):>9}{_ms(t['p99']):>9}{_pct(t['spread']):>8}"
                          f"{w['tokens_per_second']['p50']:>10.1f}{_si(w['limits']['achieved_bandwidth_Bps'], ''):>13}"
-                         f"{_pct(w['limits']['bandwidth_fraction_of_probe']):>9}{w['ratio_to_reference']:>7.2f}")
+                         f"{_pct(w['limits']['bandwidth_fraction_of_probe']):>9}{_x(w['ratio_to_reference']):>7}")
     lines.append("")
     for e in result["backends"]:
         mem = e.get("memory") or {}

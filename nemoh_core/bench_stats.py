@@ -27,11 +27,11 @@ def percentile(xs: Sequence[float], q: float) -> float:
 
 
 def summarize(xs: Sequence[float]) -> dict[str, Any]:
-    """n, mean, std (sample), min, max, p10/p50/p90/p99, spread = (max - min) / p50, and the samples.
+    """n, mean, std (sample), min, max, p10/p50/p90/p99, spread = (p90 - p10) / p50, and the samples.
 
-    `spread` is the relative range over repetitions: 0.05 means the slowest repetition took 5% of
-    the median longer than the fastest. A comparison between two numbers closer than their spreads
-    is noise.
+    `spread` is the relative interdecile range: 0.05 means the slower tenth of the samples sit
+    within 5% of the median above the faster tenth. It ignores the odd outlier a shared machine
+    produces (min, max and p99 still show those); two figures closer than their spreads are noise.
     """
     xs = [float(x) for x in xs]
     n = len(xs)
@@ -43,6 +43,6 @@ def summarize(xs: Sequence[float]) -> dict[str, Any]:
     return {
         "n": n, "mean": mean, "std": std, "min": min(xs), "max": max(xs),
         "p10": percentile(xs, 10), "p50": p50, "p90": percentile(xs, 90), "p99": percentile(xs, 99),
-        "spread": (max(xs) - min(xs)) / p50 if p50 > 0 else 0.0,
+        "spread": (percentile(xs, 90) - percentile(xs, 10)) / p50 if p50 > 0 else 0.0,
         "samples": xs,
     }

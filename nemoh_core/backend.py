@@ -52,7 +52,12 @@ class Backend(Protocol):
         """Can it run IR op `op_kind` (see nemoh.ir.OP_KINDS) at compute dtype `dtype`?"""
 
     def load(self, graph: Graph, checkpoint: Checkpoint, *, device: str | None = None) -> None:
-        """Prepare to run `graph` (its dtype is the compute dtype) with the checkpoint's tensors."""
+        """Prepare to run `graph` (its dtype is the compute dtype) with the checkpoint's tensors.
+
+        `checkpoint` is a nemoh.weights.Checkpoint or any object with the same `load(graph)` and
+        `read(name)` methods (nemoh-bench passes random weights built in memory, possibly already
+        on the device); a backend moves what it gets to where it computes.
+        """
 
     def new_state(self, batch: int) -> Any:
         """Empty carried state for `batch` fresh sequences."""

@@ -229,7 +229,7 @@ class _Lowering:
 
     def linear(self, op: Op, ins: list[str]) -> list[str]:
         (x,) = ins
-        if op.name.endswith("in_proj"):  # padding: h is zeroed before in_proj (x * 1 is exact)
+        if op.a.get("zero_padding"):  # padding: h is zeroed before in_proj (x * 1 is exact)
             x = self.b.op("Mul", x, self.new_mask())
         y = self.b.op("MatMul", x, self.weight_t(op.params[0]))
         return [self.b.op("Add", y, op.params[1]) if len(op.params) > 1 else y]

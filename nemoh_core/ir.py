@@ -10,6 +10,9 @@ A `Graph` is built from a `ModelConfig` and a compute dtype. It holds:
 Nothing in here is a framework object: a graph prints, serialises to JSON and back, and every
 count nemoh reports (parameters, state bytes, bytes moved, FLOPs) is derived from it.
 
+Padding: an op with the attribute `zero_padding=True` (the Mamba in_proj) reads its input with the
+left-padding positions zeroed; causal_conv1d zeroes them before and after the conv.
+
 Op kinds (the whole vocabulary a backend implements; see nemoh.oracle for each one's math):
   embedding, rmsnorm, linear, split, causal_conv1d, ssd_scan, gated_rmsnorm, attention,
   relu2, moe_router, moe_experts, add.
@@ -241,11 +244,11 @@ class _Builder:
         self.ops.append(Op(f"{self.prefix}{name}".rstrip("."), kind, tuple(inputs), tuple(outputs),
                            tuple(params), tuple(state), tuple(sorted(attrs.items()))))
 
-    def linear(self, name: str, x: str, y: str, n_in: int, n_out: int, bias: bool) -> None:
+    def linear(self, name: str, x: str, y: str, n_in: int, n_out: int, bias: bool, **attrs: Any) -> None:
         ps = [self.p(f"{name}.weight", (n_out, n_in))]
         if bias:
             ps.append(self.p(f"{name}.bias", (n_out,)))
-        self.op(name, "linear", [x], [y], ps, in_features=n_in, out_features=n_out)
+        self.op(name, "linear", [x], [y], ps, in_features=n_in, out_features=n_out, **attrs)
 
     def layer(self, index: int, kind: str) -> Layer:
         return Layer(index, kind, tuple(self.ops), tuple(self.params), tuple(self.states))
@@ -254,7 +257,8 @@ class _Builder:
 def _mamba(b: _Builder, c: ModelConfig) -> None:
     H, P, N, G, K = c.mamba_num_heads, c.mamba_head_dim, c.ssm_state_size, c.n_groups, c.conv_kernel
     m = "mixer."
-    b.linear(f"{m}in_proj", "h", "zxbcdt", c.hidden_size, c.in_proj_dim, c.use_bias)
+    # padding positions are zeroed on this op's input (and before/after the conv): attr zero_padding
+    b.linear(f"{m}in_proj", "h", "zxbcdt", c.hidden_size, c.in_proj_dim, c.use_bias, zero_padding=True)
     b.op(f"{m}split_zxbcdt", "split", ["zxbcdt"], ["z", "xBC", "dt"], sizes=[c.d_inner, c.conv_dim, H])
     conv = [b.p(f"{m}conv1d.weight", (c.conv_dim, 1, K))]
     if c.use_conv_bias:

@@ -283,7 +283,7 @@ def _apply(op: Op, ins, ps, state: OracleState, pad_mask, key_mask, ssd, dt_clam
         return [rmsnorm(ins[0], ps[0], a["eps"])]
     if k == "linear":
         x = ins[0]
-        if pad_mask is not None and op.name.endswith("in_proj"):
+        if pad_mask is not None and a.get("zero_padding"):
             x = x * pad_mask[..., None].to(x.dtype)
         return [linear(x, *ps)]
     if k == "split":

@@ -352,9 +352,6 @@ def hf_from_weights(config_dict: dict[str, Any], graph: Graph, weights: RandomWe
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left:
         raise NemohError(f"transformers model has tensors no weight filled: {left[:3]}")
-    model.eval()
-    limit = tuple(float(x) for x in cfg.time_step_limit)
-    for layer in model.model.layers:  # intended semantics, as load_reference(intended=True)
-        if hasattr(layer.mixer, "time_step_limit"):
-            layer.mixer.time_step_limit = limit
-    return model
+    from .reference import remove_dt_clamp
+
+    return remove_dt_clamp(model.eval())  # intended semantics, as load_reference(intended=True)

@@ -42,11 +42,15 @@ def load_reference(path: str | Path, dtype: str = "float32", *, intended: bool =
     model = NemotronHForCausalLM.from_pretrained(
         str(path), dtype=TORCH_DTYPES[dtype], experts_implementation="eager", attn_implementation="sdpa",
         trust_remote_code=False, local_files_only=True).eval()
-    if intended:
-        limit = tuple(float(x) for x in model.config.time_step_limit)
-        for layer in model.model.layers:
-            if hasattr(layer.mixer, "time_step_limit"):
-                layer.mixer.time_step_limit = limit
+    return remove_dt_clamp(model) if intended else model
+
+
+def remove_dt_clamp(model):
+    """Set each Mamba mixer's dt limit back to the config's time_step_limit (the intended math)."""
+    limit = tuple(float(x) for x in model.config.time_step_limit)
+    for layer in model.model.layers:
+        if hasattr(layer.mixer, "time_step_limit"):
+            layer.mixer.time_step_limit = limit
     return model
 
 

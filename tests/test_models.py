@@ -3,7 +3,6 @@ transformers, and the equivalences every backend must hold (chunking, decode, pa
 
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
@@ -14,33 +13,16 @@ from nemoh import oracle
 from nemoh.errors import InputError
 from nemoh.presets import PRESETS, resolve_model
 from nemoh.reference import load_reference, reference_logits
-from nemoh.runtime import greedy_generate, open_model
+from nemoh.runtime import greedy_generate
 from nemoh.tolerances import rel_max_abs, tol, top1_agreement
 
+from model_checks import T, assert_close, assert_states_close, open_cached, oracle_logits, prompt, run_chunks
+
 NAMES = sorted(PRESETS)
-T = 260  # crosses the 128-token chunk twice (and tiny-list's 32-token chunk eight times)
 
 
-@functools.cache
 def model(name: str, dtype: str):
-    return open_model(resolve_model(name), "torch", dtype, "cpu")
-
-
-@functools.cache
-def prompt(batch: int = 2, length: int = T, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(4, 512, (batch, length), generator=g)
-
-
-@functools.cache
-def oracle_logits(name: str) -> torch.Tensor:
-    m = model(name, "float64")
-    return oracle.run(m.graph, m.checkpoint.load(m.graph), prompt())
-
-
-def assert_close(out, ref, metric, dtype, what=""):
-    err = rel_max_abs(out, ref)
-    assert err <= tol(metric, dtype), f"{what}: {metric}={err:.3g} > {tol(metric, dtype):.3g}"
+    return open_cached(name, dtype, "torch")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -86,21 +68,6 @@ def test_low_precision_dtypes(name, dtype):
     out = model(name, dtype).session(2).forward(prompt())
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert top1_agreement(out, oracle_logits(name)) >= tol("logits_top1", dtype)
-
-
-def run_chunks(m, ids, chunks):
-    s = m.session(ids.shape[0])
-    logits = s.prefill(ids, chunks=chunks)
-    return logits, m.backend.export_state(s.state)
-
-
-def assert_states_close(a, b, dtype, what):
-    assert a.keys() == b.keys()
-    for k in a:
-        if k == "mask":
-            assert torch.equal(a[k], b[k])
-        else:
-            assert_close(a[k], b[k], "equiv_rel_max_abs", dtype, f"{what} state {k}")
 
 
 @pytest.mark.parametrize("name", NAMES)

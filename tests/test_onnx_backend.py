@@ -4,59 +4,24 @@ equivalences for logits and carried state, the exported file, and its capability
 
 from __future__ import annotations
 
-import functools
 import sys
 
 import pytest
 import torch
 
-from nemoh import oracle
 from nemoh.errors import NemohError
 from nemoh.ir import OP_KINDS
 from nemoh.presets import PRESETS, resolve_model
 from nemoh.runtime import greedy_generate, open_model
-from nemoh.tolerances import rel_max_abs, tol, top1_agreement
+from nemoh.tolerances import tol, top1_agreement
+
+from model_checks import T, assert_close, assert_states_close, open_cached, oracle_logits, prompt, run_chunks
 
 NAMES = sorted(PRESETS)
-T = 260  # crosses the 128-token chunk twice (and tiny-list's 32-token chunk eight times)
 
 
-@functools.cache
 def model(name: str, dtype: str, backend: str = "onnx"):
-    return open_model(resolve_model(name), backend, dtype, "cpu")
-
-
-@functools.cache
-def prompt(batch: int = 2, length: int = T, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(4, 512, (batch, length), generator=g)
-
-
-@functools.cache
-def oracle_logits(name: str) -> torch.Tensor:
-    m = model(name, "float64", "torch")
-    return oracle.run(m.graph, m.checkpoint.load(m.graph), prompt())
-
-
-def assert_close(out, ref, metric, dtype, what=""):
-    err = rel_max_abs(out, ref)
-    assert err <= tol(metric, dtype), f"{what}: {metric}={err:.3g} > {tol(metric, dtype):.3g}"
-
-
-def run_chunks(m, ids, chunks, mask=None):
-    s = m.session(ids.shape[0])
-    logits = s.prefill(ids, mask, chunks=chunks)
-    return logits, m.backend.export_state(s.state)
-
-
-def assert_states_close(a, b, dtype, what):
-    assert a.keys() == b.keys()
-    for k in a:
-        if k == "mask":
-            assert torch.equal(a[k], b[k]), f"{what}: mask"
-        else:
-            assert a[k].shape == b[k].shape and a[k].dtype == b[k].dtype, f"{what}: state {k}"
-            assert_close(a[k], b[k], "equiv_rel_max_abs", dtype, f"{what} state {k}")
+    return open_cached(name, dtype, backend)
 
 
 # -- against the references -----------------------------------------------------------------------

@@ -6,6 +6,7 @@ multi-GB CUDA build (see README).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nox
@@ -13,6 +14,9 @@ import nox
 nox.options.sessions = ["tests"]
 nox.options.reuse_existing_virtualenvs = True
 TORCH = "torch==2.13.0"
+# backends with a session of their own (their runs take far longer than the rest of the matrix, or need a
+# build): `nox -s cupy-emulated` (the CUDA kernels on the CPU emulator), `nox -s llamacpp`
+OWN_SESSION = ("cupy-emulated", "llamacpp")
 
 
 def install(session: nox.Session, extras: str = "test") -> None:
@@ -38,10 +42,11 @@ def conformance(session: nox.Session) -> None:
     install(session)
     out = Path("artifacts/conformance")
     out.mkdir(parents=True, exist_ok=True)
-    presets = session.run("python", "-c", "from nemoh.presets import PRESETS; print(' '.join(PRESETS))",
+    presets = session.run("python", "-c", "from nemoh.model.presets import PRESETS; print(' '.join(PRESETS))",
                           silent=True).split()
-    backends = session.run("python", "-c", "from nemoh.registry import available_backends as a; "
-                           "print(','.join(sorted(a())))", silent=True).strip()
+    registered = session.run("python", "-c", "from nemoh.runtime.registry import available_backends as a; "
+                             "print(' '.join(sorted(a())))", silent=True).split()
+    backends = ",".join(b for b in registered if not b.startswith(OWN_SESSION))
     args = list(session.posargs) or ["--backend", backends]
     failed = []
     for preset in presets:
@@ -72,17 +77,80 @@ def eval_(session: nox.Session) -> None:
                     "--tasks", "nemoh_mmlu_fixture,nemoh_gsm8k_fixture", "--json", str(out / f"{backend}.json"))
 
 
+@nox.session(name="cupy-emulated")
+def cupy_emulated(session: nox.Session) -> None:
+    """The CuPy executor on the CPU: its CUDA kernels compiled by g++ and run by the emulator
+    (backends/cuda_emu.py), every kernel check including the slow ones, then every preset x
+    (float32, bfloat16) through every suite, into artifacts/cupy-emulated/. Timings are the emulator's."""
+    install(session)
+    session.run("pytest", "-q", "-p", "no:cacheprovider", "-m", "slow or not slow",
+                "tests/backends/test_cupy_emulated.py", "tests/backends/test_cupy_limits.py")
+    out = Path("artifacts/cupy-emulated")
+    out.mkdir(parents=True, exist_ok=True)
+    presets = session.run("python", "-c", "from nemoh.model.presets import PRESETS; print(' '.join(PRESETS))",
+                          silent=True).split()
+    for preset in session.posargs or presets:
+        session.run("nemoh", "conformance", "--model", preset, "--backend", "cupy-emulated",
+                    "--dtype", "float32,bfloat16", "--json", str(out / f"{preset}.json"),
+                    "--html", str(out / f"{preset}.html"), "--no-progress")
+
+
+@nox.session
+def llamacpp(session: nox.Session) -> None:
+    """llama.cpp's own Nemotron-H port under test, through llama-cpp-python built from source for the CPU
+    (its build dominates: see docs/llamacpp.md), then its tests and the conformance of tiny-moe at F32
+    and at Q8_0 and Q4_K_M with the quant suite, into artifacts/llamacpp/. `--isolate` on purpose: a
+    GGML_ASSERT in llama.cpp must fail its case, not end the run."""
+    session.install(TORCH)
+    session.install("-e", ".[test,llamacpp]", env={
+        "CMAKE_ARGS": "-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF",
+        "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)})
+    session.run("pytest", "-q", "-p", "no:cacheprovider", "tests/backends/test_llamacpp.py", *session.posargs)
+    out = Path("artifacts/llamacpp")
+    out.mkdir(parents=True, exist_ok=True)
+    for backend in ("llamacpp", "llamacpp-q8_0", "llamacpp-q4_k_m"):
+        session.run("nemoh", "conformance", "--model", "tiny-moe", "--backend", backend, "--dtype", "float32",
+                    "--isolate", "--json", str(out / f"tiny-moe.{backend}.json"),
+                    "--html", str(out / f"tiny-moe.{backend}.html"), "--no-progress", success_codes=[0, 1])
+
+
+@nox.session
+def fuzz(session: nox.Session) -> None:
+    """The hostile-input fuzzers (tests/core/test_hostile_inputs.py: config.json, safetensors headers and
+    index files through the CLI) at a large example count (NEMOH_FUZZ_EXAMPLES, default 2000)."""
+    install(session)
+    session.run("pytest", "-q", "tests/core/test_hostile_inputs.py", "-k", "fuzz", "-p", "no:cacheprovider",
+                env={"NEMOH_FUZZ_EXAMPLES": os.environ.get("NEMOH_FUZZ_EXAMPLES", "2000")})
+
+
+@nox.session(reuse_venv=False)
+@nox.parametrize("extras", ["", "ref", "ref,onnx"])
+def extras(session: nox.Session, extras: str) -> None:
+    """Each install a user may have, in a fresh virtual environment: a missing optional package is a
+    SKIPPED with the extra to install (or a one-line exit 2), never a FAIL or a traceback."""
+    session.install(TORCH)
+    session.install("-e", f".[{extras}]" if extras else ".")
+    cache = session.create_tmp()
+    out = session.run("nemoh", "conformance", "--model", "tiny-moe", "--backend", "torch", "--no-progress",
+                      env={"NEMOH_CACHE": cache}, success_codes=[0, 2], silent=True)
+    print(out)
+    if "Traceback" in out or " FAIL " in out:
+        session.error("a missing optional package showed as a failure or a traceback")
+    if not extras and "nemoh[ref]" not in out:  # no transformers: the preset cannot be written
+        session.error("the base install must say to pip install 'nemoh[ref]'")
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
-    session.run("ruff", "check", "nemoh_core", "backends", "suites", "reports", "tests", "noxfile.py")
+    session.run("ruff", "check", "nemoh_core", "backends", "suites", "reports", "tests", "examples", "noxfile.py")
 
 
 @nox.session
 def tolerances(session: nox.Session) -> None:
     """Re-measure the figures quoted in nemoh/tolerances.py."""
     install(session)
-    session.run("python", "-m", "nemoh.measure_tolerances", *session.posargs)
+    session.run("python", "-m", "nemoh.conformance.measure_tolerances", *session.posargs)
 
 
 @nox.session

@@ -6,6 +6,10 @@ Prefill matmuls go to cuBLAS (cublasGemmEx, fp32 accumulation); decode matmuls, 
 rows, to the kernels' own GEMV, so a decode step is kernels only and is captured once as a CUDA
 graph and replayed (`cuda_graphs=True`, the default).
 
+Why one file: the launch shapes, the buffer plans, the executor and its two devices all follow the
+kernels' signatures and limits (cupy_kernels/*.cu); a change to one kernel touches each of them,
+and keeping them together keeps that change in one place.
+
 Precision follows backends/torch_backend.py: activations and weights at the compute dtype
 (float32 or bfloat16; bf16 lives on the device as raw uint16 bits, so CuPy needs no bf16 dtype),
 norms, the SSM (state kept in fp32), the router and the attention softmax in fp32, rounding to the
@@ -15,6 +19,13 @@ State crosses the protocol in torch_backend's layout: `layers.{i}.conv` [B, C, K
 `layers.{i}.ssm` [B, H, P, N] fp32, `layers.{i}.k`/`.v` [B, S, KV, Dh], `mask` [B, S] int64.
 The KV cache is preallocated to `max_len` tokens and grown (copied, graph recaptured) when a
 forward needs more.
+
+Every device action (buffers, copies, views at an offset, launches, GEMMs, synchronisation, graph
+capture and replay) goes through one small device object: `CupyDevice` (CuPy on a GPU) or
+`EmulatedDevice` (the same kernels on the CPU through backends/cuda_emu.py, GEMMs as host matmuls
+with fp32 accumulation, a graph = the recorded launches). `CupyEmulatedBackend` (registered as
+`cupy-emulated`) is this backend on the emulated device: the whole executor runs, checked for races
+and out-of-bounds writes, without a GPU (slow; for tests).
 
 Nothing here imports cupy at module import time: `available()` answers Support.no with the reason
 on a machine without cupy, a driver or a GPU. The host-side logic (limits, launch shapes, buffer
@@ -30,6 +41,7 @@ Options (constructor arguments, or the environment for the registry's no-argumen
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -41,10 +53,12 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from nemoh.backend import Support
+from nemoh import dtypes
+from nemoh.bench.cost import op_costs
 from nemoh.errors import NemohError
-from nemoh.ir import ITEMSIZE, OP_KINDS, Graph, Layer
-from nemoh.weights import TORCH_DTYPES, Checkpoint
+from nemoh.model.ir import OP_KINDS, Graph, Layer
+from nemoh.model.weights import Checkpoint
+from nemoh.runtime.backend import Support
 
 from . import cupy_compile as cc
 
@@ -231,7 +245,7 @@ def decode_buffers(graph: Graph, batch: int, splits: int) -> dict[str, tuple[tup
 
 
 def buffer_bytes(plan: dict[str, tuple[tuple[int, ...], str]]) -> int:
-    return sum(math.prod(shape) * ITEMSIZE.get(dt, 4) for shape, dt in plan.values())
+    return sum(math.prod(shape) * dtypes.ITEMSIZE.get(dt, 4) for shape, dt in plan.values())
 
 
 class DecodeGraph:
@@ -290,6 +304,276 @@ class Ptr(int):
     """A raw device address passed to a kernel as a 64-bit value."""
 
 
+# ----------------------------------------------------------------------------------------------
+# The device seam: every device action of the backend goes through one of these two classes
+# ----------------------------------------------------------------------------------------------
+
+#: storage dtype of each buffer dtype (bf16 lives as raw uint16 bits: neither CuPy nor numpy has it)
+NP_DTYPES = {"float32": np.float32, "bfloat16": np.uint16, "int32": np.int32, "float64": np.float64}
+
+
+def _launch_arg(v):
+    """A kernel argument as CuPy's RawKernel takes it: ints as int32, floats as float32, buffers by
+    address (np.int64 etc. pass through for `i64` parameters)."""
+    if v is None:
+        return np.uint64(0)
+    if isinstance(v, Ptr):
+        return np.uint64(int(v))
+    if isinstance(v, np.generic):
+        return v
+    if isinstance(v, bool):
+        return np.int32(int(v))
+    if isinstance(v, int):
+        return np.int32(v)
+    if isinstance(v, float):
+        return np.float32(v)
+    return np.uint64(v.data.ptr)  # a cupy array
+
+
+class CupyDevice:
+    """A GPU through CuPy: cupy arrays, one non-blocking stream, the kernels as NVRTC cubins loaded
+    by RawModule (or CuPy's own NVRTC), prefill GEMMs on cuBLAS, decode steps as CUDA graphs.
+
+    Buffers are cupy arrays; `ptr` is a raw address (Ptr) that kernels and cuBLAS take."""
+
+    kind = "cuda"
+
+    def __init__(self, device: str | None, compiler: str | None):
+        import cupy as cp
+
+        self.cp = cp
+        dev_id = 0
+        if device:
+            if not device.startswith("cuda"):
+                raise NemohError(f"cupy backend runs on CUDA devices only, got device {device!r}")
+            dev_id = int(device.split(":")[1]) if ":" in device else 0
+        cp.cuda.Device(dev_id).use()
+        self.id = dev_id
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        self.n_sm = cp.cuda.runtime.getDeviceProperties(dev_id)["multiProcessorCount"]
+        self._one = np.ones(1, np.float32)
+        self._zero = np.zeros(1, np.float32)
+        self.kernels, self.route = self._load_kernels(cp.cuda.Device(dev_id).compute_capability, compiler)
+
+    def _load_kernels(self, cap: str, route: str | None) -> tuple[dict[str, Any], str]:
+        cp = self.cp
+        if route is None:
+            route = "nemoh" if cc.toolchain_candidates() else "cupy"
+        modules = {}
+        if route == "nemoh":
+            tc = cc.find_toolchain()
+            cubins = cc.compile_all(f"sm_{cap}", tc)
+            cache = Path(os.environ.get("NEMOH_CACHE", Path.home() / ".cache" / "nemoh")) / "cupy-kernels"
+            cache.mkdir(parents=True, exist_ok=True)
+            for file, code in cubins.items():
+                path = cache / f"{Path(file).stem}-sm_{cap}-{hashlib.sha256(code).hexdigest()[:16]}.cubin"
+                if not path.is_file():
+                    with tempfile.NamedTemporaryFile(dir=cache, delete=False) as f:
+                        f.write(code)
+                    os.replace(f.name, path)
+                modules[file] = cp.RawModule(path=str(path))
+            desc = f"nemoh (NVRTC {'.'.join(map(str, tc.version))}, {tc.origin}, sm_{cap} cubin)"
+        else:
+            cands = cc.toolchain_candidates()
+            includes = [cands[0].include] if cands else []
+            if not includes:
+                cuda_path = cp.cuda.get_cuda_path()
+                if cuda_path and (Path(cuda_path) / "include" / "cuda_bf16.h").is_file():
+                    includes = [str(Path(cuda_path) / "include")]
+            opts = tuple(cc.nvrtc_options(None, includes))
+            for file in cc.KERNELS:
+                modules[file] = cp.RawModule(code=cc.source(file), options=opts, backend="nvrtc")
+            desc = f"cupy (RawModule code, CuPy's NVRTC, includes {includes or 'CuPy defaults'})"
+        kernels = {}
+        for file, mod in modules.items():
+            for entry in cc.entry_points(file):
+                try:
+                    k = mod.get_function(entry)
+                    getattr(k, "kernel", None)  # RawKernel resolves its function lazily: do it now, not in a capture
+                    kernels[entry] = k
+                except Exception as e:
+                    raise NemohError(f"cupy backend: kernel {entry} missing from {file} ({e})") from None
+        return kernels, desc
+
+    # buffers and copies
+    def scope(self):
+        """Context in which the backend's launches and copies go to the device's stream."""
+        return self.stream
+
+    def synchronize(self) -> None:
+        self.dev.synchronize()
+
+    def empty(self, shape, dtype: str):
+        return self.cp.empty(shape, dtype=NP_DTYPES[dtype])
+
+    def zeros(self, shape, dtype: str):
+        a = self.empty(shape, dtype)
+        a.fill(0)
+        return a
+
+    def upload(self, h: np.ndarray):
+        return self.cp.asarray(h)
+
+    def download(self, a) -> np.ndarray:
+        h = a.get(stream=self.stream)
+        self.dev.synchronize()
+        return np.ascontiguousarray(h)
+
+    def write(self, a, h: np.ndarray) -> None:
+        """Copy host array `h` into device buffer `a` (same shape), asynchronously on the stream."""
+        a.set(h, stream=self.stream)
+
+    def contiguous(self, a):
+        return self.cp.ascontiguousarray(a)
+
+    # addresses
+    def ptr(self, a, elem_offset: int = 0) -> Ptr:
+        return Ptr(a.data.ptr + elem_offset * a.itemsize)
+
+    def advance(self, p: Ptr, elems: int, itemsize: int) -> Ptr:
+        return Ptr(int(p) + elems * itemsize)
+
+    def addr(self, p) -> int:
+        return int(p) if isinstance(p, int) else int(p.data.ptr)
+
+    # work
+    def launch(self, kern, launch: Launch, args) -> None:
+        kern(launch.grid, launch.block, tuple(_launch_arg(a) for a in args), shared_mem=launch.shared_mem)
+
+    def gemm(self, dtype: str, x: Ptr, ldx: int, w: Ptr, y: Ptr, ldy: int, M: int, N: int, K: int) -> None:
+        """y[M, N] = x[M, K] @ w[N, K]^T (row-major, leading dims ldx/K/ldy), fp32 accumulation."""
+        from cupy_backends.cuda.libs import cublas
+
+        t = CUDA_R_16BF if dtype == "bfloat16" else CUDA_R_32F
+        handle = self.cp.cuda.device.get_cublas_handle()
+        # column-major view: y^T [N, M] = w [K, N]^T-as-stored (op T) times x^T [K, M]
+        cublas.gemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, self._one.ctypes.data, int(w), t, K,
+                      int(x), t, ldx, self._zero.ctypes.data, int(y), t, ldy, CUBLAS_COMPUTE_32F,
+                      CUBLAS_GEMM_DEFAULT)
+
+    def begin_capture(self) -> None:
+        self.stream.begin_capture()
+
+    def end_capture(self):
+        return self.stream.end_capture()
+
+    def replay(self, graph) -> None:
+        graph.launch(self.stream)
+
+    def describe(self) -> dict[str, Any]:
+        cp = self.cp
+        dev = cp.cuda.Device()
+        props = cp.cuda.runtime.getDeviceProperties(dev.id)
+        name = props["name"]
+        return {"device": f"cuda:{dev.id}", "device_name": name.decode() if isinstance(name, bytes) else name,
+                "compute_capability": dev.compute_capability, "cupy": cp.__version__,
+                "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(), "cuda_driver": cp.cuda.runtime.driverGetVersion()}
+
+
+def _bf16_bits_to_f32(u: np.ndarray) -> np.ndarray:
+    return (u.astype(np.uint32) << 16).view(np.float32)
+
+
+def _f32_to_bf16_bits(f: np.ndarray) -> np.ndarray:
+    """Round to nearest even, as __float2bfloat16_rn (NaN -> 0x7fff)."""
+    u = np.ascontiguousarray(f, np.float32).view(np.uint32)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where((u & 0x7FFFFFFF) > 0x7F800000, np.uint16(0x7FFF), r)
+
+
+class EmulatedDevice:
+    """The CPU: the same .cu kernels through the emulator (backends/cuda_emu.py, every launch
+    checked for races and out-of-bounds writes), GEMMs as host matmuls with fp32 accumulation
+    (numpy float32 BLAS) rounded once to the dtype, and a "graph" that is the recorded launches,
+    replayed in order.
+
+    Buffers are numpy arrays (bf16 as uint16); `ptr` is a flat numpy view at the offset, which the
+    emulator resolves back to its buffer (overlapping views stay one buffer)."""
+
+    kind = "cpu-emulated"
+    n_sm = 132  # decode_splits as on an H100, so that split decode attention is exercised
+
+    def __init__(self, schedules: int = 2):
+        from . import cuda_emu
+
+        self.emu, self.schedules = cuda_emu, schedules
+        cuda_emu.build_all()
+        self.kernels = {e: e for file in cc.KERNELS for e in cc.entry_points(file)}
+        self.route = f"cpu emulator (g++ {cuda_emu.compiler_version()}, {schedules} schedule(s) per launch)"
+        self._rec: list | None = None
+
+    def scope(self):
+        return contextlib.nullcontext()
+
+    def synchronize(self) -> None:
+        pass
+
+    def empty(self, shape, dtype: str) -> np.ndarray:
+        a = np.empty(shape, NP_DTYPES[dtype])
+        a.reshape(-1).view(np.uint8).fill(0xFF)  # garbage, as device memory would be: NaN / -1
+        return a
+
+    def zeros(self, shape, dtype: str) -> np.ndarray:
+        return np.zeros(shape, NP_DTYPES[dtype])
+
+    def upload(self, h: np.ndarray) -> np.ndarray:
+        return np.array(h, copy=True, order="C")
+
+    def download(self, a: np.ndarray) -> np.ndarray:
+        return np.array(a, copy=True, order="C")
+
+    def write(self, a: np.ndarray, h: np.ndarray) -> None:
+        np.copyto(a, np.asarray(h).reshape(a.shape))
+
+    def contiguous(self, a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(a)
+
+    def ptr(self, a: np.ndarray, elem_offset: int = 0) -> np.ndarray:
+        if not a.flags.c_contiguous:
+            raise NemohError("emulated device: a kernel pointer into a non-contiguous view")
+        return a.reshape(-1)[elem_offset:]
+
+    def advance(self, p: np.ndarray, elems: int, itemsize: int) -> np.ndarray:
+        return p[elems:]
+
+    def addr(self, p: np.ndarray) -> int:
+        return p.__array_interface__["data"][0]
+
+    def launch(self, kern: str, launch: Launch, args) -> None:
+        args = [int(a) if isinstance(a, bool) else a for a in args]
+        if self._rec is not None:  # capturing: recorded, run at replay (as a CUDA graph)
+            self._rec.append((kern, launch, args))
+            return
+        self.emu.launch(kern, launch.grid, launch.block, launch.shared_mem, args, schedules=self.schedules)
+
+    def gemm(self, dtype: str, x: np.ndarray, ldx: int, w: np.ndarray, y: np.ndarray, ldy: int, M: int, N: int,
+             K: int) -> None:
+        if self._rec is not None:
+            raise NemohError("emulated device: a GEMM inside a graph capture (decode steps use the GEMV kernel)")
+        st = np.lib.stride_tricks.as_strided
+        isz = x.itemsize
+        xs, ws = st(x, (M, K), (ldx * isz, isz)), st(w, (N, K), (K * isz, isz))
+        ys = st(y, (M, N), (ldy * isz, isz))
+        if dtype == "bfloat16":
+            ys[...] = _f32_to_bf16_bits(_bf16_bits_to_f32(xs) @ _bf16_bits_to_f32(ws).T)
+        else:
+            ys[...] = np.asarray(xs, np.float32) @ np.asarray(ws, np.float32).T
+
+    def begin_capture(self) -> None:
+        self._rec = []
+
+    def end_capture(self) -> list:
+        rec, self._rec = self._rec, None
+        return rec
+
+    def replay(self, graph: list) -> None:
+        for kern, launch, args in graph:
+            self.launch(kern, launch, args)
+
+    def describe(self) -> dict[str, Any]:
+        return {"device": "cpu-emulated", "device_name": f"CUDA emulator on the CPU ({self.route})"}
+
+
 class _Trace:
     """Copies op outputs into the caller's trace dict (eager runs only: it synchronises)."""
 
@@ -322,7 +606,7 @@ class CupyState:
 
 
 class CupyBackend:
-    """Implements nemoh.backend.Backend with CuPy and the kernels in cupy_kernels/."""
+    """Implements nemoh.runtime.backend.Backend with CuPy and the kernels in cupy_kernels/."""
 
     name = "cupy"
 
@@ -339,8 +623,7 @@ class CupyBackend:
         self.graph: Graph | None = None
         self.p: dict[str, Any] = {}
         self.kernels: dict[str, Any] = {}
-        self._cp: Any = None
-        self._route = ""
+        self.dev: CupyDevice | EmulatedDevice | None = None
 
     # -- capabilities -------------------------------------------------------------------------
     def available(self) -> Support:
@@ -372,6 +655,9 @@ class CupyBackend:
                                   f"nvidia-cuda-runtime-cu12) nor CuPy's ({type(e).__name__}: {e})")
         return Support.yes()
 
+    def supports_graph(self, graph: Graph, device: str | None = None) -> Support:
+        return check_graph(graph)
+
     def supports(self, op_kind: str, dtype: str) -> Support:
         if op_kind not in OP_KINDS:
             return Support.no(f"unknown op kind {op_kind!r}")
@@ -381,18 +667,11 @@ class CupyBackend:
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"backend": self.name, "cuda_graphs": self.cuda_graphs, "max_len": self.max_len,
-                             "compiler": self._route or self.compiler or "auto"}
+                             "compiler": self.dev.route if self.dev is not None else self.compiler or "auto"}
         if self.graph is not None:
             d["dtype"] = self.graph.dtype
-        cp = self._cp
-        if cp is not None:
-            dev = cp.cuda.Device()
-            props = cp.cuda.runtime.getDeviceProperties(dev.id)
-            name = props["name"]
-            d |= {"device": f"cuda:{dev.id}", "device_name": name.decode() if isinstance(name, bytes) else name,
-                  "compute_capability": dev.compute_capability, "cupy": cp.__version__,
-                  "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(),
-                  "cuda_driver": cp.cuda.runtime.driverGetVersion()}
+        if self.dev is not None:
+            d |= self.dev.describe()
         return d
 
     # -- loading ------------------------------------------------------------------------------
@@ -403,148 +682,71 @@ class CupyBackend:
         self.init_device(graph.dtype, device)
         self.graph = graph
         tensors = checkpoint.load(graph)
-        with self.stream:
+        with self.dev.scope():
             self.p = {k: self._upload(v) for k, v in tensors.items()}
             # derived once: A = -exp(A_log) in fp32, exactly once
             self.A = {l.index: self._upload(-torch.exp(tensors[f"layers.{l.index}.mixer.A_log"].float()))
                       for l in graph.layers if l.kind == "mamba"}
-        self.stream.synchronize()
+        self.dev.synchronize()
 
     def init_device(self, dtype: str, device: str | None = None) -> None:
         """Select the device, make the stream, compile and load every kernel (no model needed:
-        tests/test_cupy_gpu.py drives single kernels through this)."""
-        import cupy as cp
-
+        tests/backends/test_cupy_gpu.py drives single kernels through this)."""
         if dtype not in DTYPES:
-            raise NemohError(f"cupy backend: dtype {dtype} is not one of {', '.join(DTYPES)}")
-        self._cp = cp
-        dev_id = 0
-        if device:
-            if not device.startswith("cuda"):
-                raise NemohError(f"cupy backend runs on CUDA devices only, got device {device!r}")
-            dev_id = int(device.split(":")[1]) if ":" in device else 0
-        cp.cuda.Device(dev_id).use()
-        self.stream = cp.cuda.Stream(non_blocking=True)
+            raise NemohError(f"{self.name} backend: dtype {dtype} is not one of {', '.join(DTYPES)}")
+        self.dev = self._make_device(device)
         self.dtype = dtype
-        self.isz = ITEMSIZE[dtype]
-        self.n_sm = cp.cuda.runtime.getDeviceProperties(dev_id)["multiProcessorCount"]
-        self._one = np.ones(1, np.float32)
-        self._zero = np.zeros(1, np.float32)
-        self._load_kernels(cp, cp.cuda.Device(dev_id).compute_capability)
+        self.isz = dtypes.ITEMSIZE[dtype]
+        self.kernels = self.dev.kernels
 
-    def _load_kernels(self, cp, cap: str) -> None:
-        route = self.compiler
-        if route is None:
-            route = "nemoh" if cc.toolchain_candidates() else "cupy"
-        modules = {}
-        if route == "nemoh":
-            tc = cc.find_toolchain()
-            cubins = cc.compile_all(f"sm_{cap}", tc)
-            cache = Path(os.environ.get("NEMOH_CACHE", Path.home() / ".cache" / "nemoh")) / "cupy-kernels"
-            cache.mkdir(parents=True, exist_ok=True)
-            for file, code in cubins.items():
-                path = cache / f"{Path(file).stem}-sm_{cap}-{hashlib.sha256(code).hexdigest()[:16]}.cubin"
-                if not path.is_file():
-                    with tempfile.NamedTemporaryFile(dir=cache, delete=False) as f:
-                        f.write(code)
-                    os.replace(f.name, path)
-                modules[file] = cp.RawModule(path=str(path))
-            self._route = f"nemoh (NVRTC {'.'.join(map(str, tc.version))}, {tc.origin}, sm_{cap} cubin)"
-        else:
-            cands = cc.toolchain_candidates()
-            includes = [cands[0].include] if cands else []
-            if not includes:
-                cuda_path = cp.cuda.get_cuda_path()
-                if cuda_path and (Path(cuda_path) / "include" / "cuda_bf16.h").is_file():
-                    includes = [str(Path(cuda_path) / "include")]
-            opts = tuple(cc.nvrtc_options(None, includes))
-            for file in cc.KERNELS:
-                modules[file] = cp.RawModule(code=cc.source(file), options=opts, backend="nvrtc")
-            self._route = f"cupy (RawModule code, CuPy's NVRTC, includes {includes or 'CuPy defaults'})"
-        self.kernels = {}
-        for file, mod in modules.items():
-            for entry in cc.entry_points(file):
-                try:
-                    k = mod.get_function(entry)
-                    getattr(k, "kernel", None)  # RawKernel resolves its function lazily: do it now, not in a capture
-                    self.kernels[entry] = k
-                except Exception as e:
-                    raise NemohError(f"cupy backend: kernel {entry} missing from {file} ({e})") from None
+    def _make_device(self, device: str | None):
+        return CupyDevice(device, self.compiler)
 
     def _k(self, stem: str):
         return self.kernels[cc.kernel_name(stem, self.dtype)]
 
     # -- conversions --------------------------------------------------------------------------
     def _upload(self, t: torch.Tensor):
-        cp = self._cp
         t = t.detach().contiguous().cpu()
         if t.dtype == torch.bfloat16:
-            return cp.asarray(t.view(torch.int16).numpy()).view(cp.uint16)
-        return cp.asarray(t.numpy())
+            return self.dev.upload(t.view(torch.int16).numpy().view(np.uint16))
+        return self.dev.upload(t.numpy())
 
     def _download(self, a, dtype: str) -> torch.Tensor:
-        h = a.get(stream=self.stream)
-        self.stream.synchronize()
+        h = self.dev.download(a)
         if dtype == "bfloat16":
-            return torch.from_numpy(np.ascontiguousarray(h).view(np.int16)).view(torch.bfloat16)
-        return torch.from_numpy(np.ascontiguousarray(h))
+            return torch.from_numpy(h.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(h)
 
     def _empty(self, shape, dtype: str):
-        cp = self._cp
-        npd = {"float32": np.float32, "bfloat16": np.uint16, "int32": np.int32, "float64": np.float64}[dtype]
-        return cp.empty(shape, dtype=npd)
+        return self.dev.empty(shape, dtype)
 
     def _zeros(self, shape, dtype: str):
-        a = self._empty(shape, dtype)
-        a.fill(0)
-        return a
+        return self.dev.zeros(shape, dtype)
 
     def read_param(self, name: str) -> torch.Tensor:
         spec = self.graph.param(name)
         return self._download(self.p[name], spec.dtype).clone()
 
     # -- kernel launch helpers ----------------------------------------------------------------
-    @staticmethod
-    def _arg(v):
-        if v is None:
-            return np.uint64(0)
-        if isinstance(v, Ptr):
-            return np.uint64(int(v))
-        if isinstance(v, np.generic):
-            return v
-        if isinstance(v, bool):
-            return np.int32(int(v))
-        if isinstance(v, int):
-            return np.int32(v)
-        if isinstance(v, float):
-            return np.float32(v)
-        return np.uint64(v.data.ptr)  # a cupy array
-
     def _run(self, kern, launch: Launch, *args) -> None:
-        kern(launch.grid, launch.block, tuple(self._arg(a) for a in args), shared_mem=launch.shared_mem)
+        self.dev.launch(kern, launch, args)
 
-    @staticmethod
-    def _ptr(a, elem_offset: int = 0) -> Ptr:
-        return Ptr(a.data.ptr + elem_offset * a.itemsize)
+    def _ptr(self, a, elem_offset: int = 0) -> Ptr:
+        """Buffer `a` at element `elem_offset`, as a kernel or GEMM argument."""
+        return self.dev.ptr(a, elem_offset)
 
     def _gemm(self, x: Ptr, ldx: int, w: Ptr, y: Ptr, ldy: int, M: int, N: int, K: int) -> None:
         """y[M, N] = x[M, K] @ w[N, K]^T (row-major), fp32 accumulation, output rounded to the dtype."""
         if M == 0:
             return
-        from cupy_backends.cuda.libs import cublas
-
-        t = CUDA_R_16BF if self.dtype == "bfloat16" else CUDA_R_32F
-        handle = self._cp.cuda.device.get_cublas_handle()
-        # column-major view: y^T [N, M] = w [K, N]^T-as-stored (op T) times x^T [K, M]
-        cublas.gemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, self._one.ctypes.data, int(w), t, K,
-                      int(x), t, ldx, self._zero.ctypes.data, int(y), t, ldy, CUBLAS_COMPUTE_32F,
-                      CUBLAS_GEMM_DEFAULT)
+        self.dev.gemm(self.dtype, x, ldx, w, y, ldy, M, N, K)
 
     def _gemv(self, w: Ptr, x: Ptr, ldx: int, y: Ptr, ldy: int, R: int, Cc: int, M: int, act: bool) -> None:
         kern = self._k("gemv")
         for s, n in row_chunks(M):
-            xs, ys = Ptr(x + s * ldx * self.isz), Ptr(y + s * ldy * self.isz)
-            vec = vec_ok(Cc, self.isz, int(w), Cc, int(xs), ldx)
+            xs, ys = self.dev.advance(x, s * ldx, self.isz), self.dev.advance(y, s * ldy, self.isz)
+            vec = vec_ok(Cc, self.isz, self.dev.addr(w), Cc, self.dev.addr(xs), ldx)
             self._run(kern, launch_gemv(R), w, xs, ldx, ys, ldy, R, Cc, n, int(act), int(vec))
 
     def _linear(self, name: str, x: Ptr, ldx: int, y: Ptr, ldy: int, M: int, act: bool = False,
@@ -569,7 +771,7 @@ class CupyBackend:
     def _alloc_state(self, batch: int, max_len: int) -> CupyState:
         st = CupyState(batch=batch, max_len=max_len)
         names = {s.name: (l.index, s.kind) for l in self.graph.layers for s in l.states}
-        with self.stream:
+        with self.dev.scope():
             for name, (shape, dt) in state_buffers(self.graph, batch, max_len).items():
                 buf = self._zeros(shape, dt)
                 if name == "kmask":
@@ -579,16 +781,16 @@ class CupyBackend:
                 else:
                     i, kind = names[name]
                     getattr(st, kind)[i] = buf
-        self.stream.synchronize()
+        self.dev.synchronize()
         return st
 
     def copy_state(self, state: CupyState) -> CupyState:
         st = CupyState(batch=state.batch, max_len=state.max_len, length=state.length)
-        with self.stream:
+        with self.dev.scope():
             for kind in ("conv", "ssm", "k", "v"):
                 getattr(st, kind).update({i: a.copy() for i, a in getattr(state, kind).items()})
             st.kmask, st.ctrl = state.kmask.copy(), state.ctrl.copy()
-        self.stream.synchronize()
+        self.dev.synchronize()
         return st
 
     def export_state(self, state: CupyState) -> dict[str, torch.Tensor]:
@@ -608,19 +810,19 @@ class CupyBackend:
         B, S = mask.shape
         st = self._alloc_state(B, max(self.max_len, S))
         st.length = S
-        with self.stream:
-            st.kmask[:, :S] = self._cp.asarray(mask.to(torch.int32).numpy())
+        with self.dev.scope():
+            st.kmask[:, :S] = self.dev.upload(mask.to(torch.int32).numpy())
             for name, t in tensors.items():
                 if name == "mask":
                     continue
                 _, i, kind = name.split(".")
                 dst = getattr(st, kind)[int(i)]
-                src = self._upload(t.to(TORCH_DTYPES["float32" if kind == "ssm" else self.dtype]))
+                src = self._upload(t.to(dtypes.torch_dtype("float32" if kind == "ssm" else self.dtype)))
                 if kind in ("k", "v"):
                     dst[:, :S] = src
                 else:
                     dst[...] = src
-        self.stream.synchronize()
+        self.dev.synchronize()
         return st
 
     def _ensure_capacity(self, st: CupyState, need: int) -> None:
@@ -649,26 +851,26 @@ class CupyBackend:
         m = np.ones((B, T), np.int32) if mask is None else np.ascontiguousarray(mask.to(torch.int32).numpy())
         rec = _Trace(self, trace, B, T) if trace is not None else None
         ids = ids.contiguous()
-        with self.stream:
+        with self.dev.scope():
             self._ensure_capacity(state, state.length + T)
             if T == 1:
                 logits = self._decode(state, ids, m, rec)
             else:
                 logits = self._prefill(state, ids, m, last_only, rec)
             # kv_append records the mask for attention; models without attention need it for export
-            state.kmask[:, state.length:state.length + T] = self._cp.asarray(m)
-            self.stream.synchronize()
+            state.kmask[:, state.length:state.length + T] = self.dev.upload(m)
+            self.dev.synchronize()
         state.length += T
         V = self.graph.config.vocab_size
         return logits.reshape(B, -1, V).to(torch.float32)
 
     # prefill ----------------------------------------------------------------------------------
     def _prefill(self, st: CupyState, ids: torch.Tensor, m: np.ndarray, last_only: bool, rec):
-        cp, g, c = self._cp, self.graph, self.graph.config
+        g, c = self.graph, self.graph.config
         B, T = ids.shape
         M, D = B * T, c.hidden_size
-        ids_d = cp.asarray(ids.to(torch.int32).numpy())
-        mask_d = cp.asarray(m)
+        ids_d = self.dev.upload(ids.to(torch.int32).numpy())
+        mask_d = self.dev.upload(m)
         st.ctrl[2 * B:2 * B + 1] = st.length  # cached length before these tokens
         len_p = self._ptr(st.ctrl, 2 * B)
         x, h = self._empty((M, D), self.dtype), self._empty((M, D), self.dtype)
@@ -700,7 +902,7 @@ class CupyBackend:
             rec(f"layers.{g.layers[-1].index}", x)
             rec("norm_f", h)
         if last_only:
-            h = cp.ascontiguousarray(h.reshape(B, T, D)[:, -1])
+            h = self.dev.contiguous(h.reshape(B, T, D)[:, -1])
         rows = h.shape[0]
         logits = self._empty((rows, c.vocab_size), self.dtype)
         self._linear("lm_head", self._ptr(h), D, self._ptr(logits), c.vocab_size, rows)
@@ -803,7 +1005,7 @@ class CupyBackend:
         """MoE for M token rows. Up to 8 rows (and every decode step): gathered expert GEMVs on the
         device, no host sync. More rows: pairs sorted by expert on the host (stable, as the torch
         executor), one cuBLAS matmul pair per used expert, combined in slot order."""
-        cp, c, pre = self._cp, self.graph.config, f"layers.{layer.index}.mixer."
+        c, pre = self.graph.config, f"layers.{layer.index}.mixer."
         a = next(o for o in layer.ops if o.kind == "moe_router").a
         E, k, D = a["experts"], a["top_k"], c.hidden_size
         L, I = c.moe_input_size, c.moe_intermediate_size
@@ -823,23 +1025,21 @@ class CupyBackend:
         eup, edn = buf("eup", (M * k, I)), buf("edown", (M * k, L))
         routed = buf("routed", (M, L))
         if dec is not None or M <= GEMV_MMAX:
-            vu = vec_ok(L, self.isz, up.data.ptr, L, xin.data.ptr, L)
+            vu = vec_ok(L, self.isz, self.dev.addr(self._ptr(up)), L, self.dev.addr(self._ptr(xin)), L)
             self._run(self._k("moe_gemv"), launch_gemv(I, M * k, "moe_gemv"), up, idx_d, xin, L, k, eup, I, L, 1,
                       int(vu))
-            vd = vec_ok(I, self.isz, down.data.ptr, I, eup.data.ptr, I)
+            vd = vec_ok(I, self.isz, self.dev.addr(self._ptr(down)), I, self.dev.addr(self._ptr(eup)), I)
             self._run(self._k("moe_gemv"), launch_gemv(L, M * k, "moe_gemv"), down, idx_d, eup, I, 1, edn, L, I, 0,
                       int(vd))
             pos = None
         else:
-            flat = idx_d.get(stream=self.stream)
-            self.stream.synchronize()
-            flat = flat.reshape(-1)
+            flat = self.dev.download(idx_d).reshape(-1)
             order = np.argsort(flat, kind="stable")
             counts = np.bincount(flat, minlength=E)
             pos_h = np.empty_like(order)
             pos_h[order] = np.arange(order.size)
-            rows = cp.asarray((order // k).astype(np.int32))
-            pos = cp.asarray(pos_h.astype(np.int32))
+            rows = self.dev.upload((order // k).astype(np.int32))
+            pos = self.dev.upload(pos_h.astype(np.int32))
             xg = self._empty((M * k, L), self.dtype)
             self._run(self._k("gather_rows"), _l((M * k,), (256,), "gather_rows"), xin, rows, xg, L)
             start = 0
@@ -875,7 +1075,7 @@ class CupyBackend:
     # decode -----------------------------------------------------------------------------------
     def _decode_buffers(self, st: CupyState) -> None:
         c = self.graph.config
-        splits = decode_splits(st.max_len, st.batch, c.num_key_value_heads, self.n_sm)
+        splits = decode_splits(st.max_len, st.batch, c.num_key_value_heads, self.dev.n_sm)
         if st.dec is not None and st.splits == splits:
             return
         st.dec = {name: self._zeros(shape, dt) for name, (shape, dt) in
@@ -887,7 +1087,7 @@ class CupyBackend:
         B = st.batch
         self._decode_buffers(st)
         ctrl = np.concatenate([ids.reshape(-1).to(torch.int32).numpy(), m.reshape(-1), [st.length]]).astype(np.int32)
-        st.ctrl.set(ctrl, stream=self.stream)
+        self.dev.write(st.ctrl, ctrl)
         plan = st.graph.plan(st.epoch, enabled=self.cuda_graphs, trace=rec is not None)
         if plan in ("eager", "warmup"):
             self._decode_kernels(st, rec)
@@ -895,14 +1095,14 @@ class CupyBackend:
                 st.graph.warmed(st.epoch)
         else:
             if plan == "capture":
-                self.stream.begin_capture()
+                self.dev.begin_capture()
                 try:
                     self._decode_kernels(st, None)
                 finally:
-                    graph = self.stream.end_capture()
+                    graph = self.dev.end_capture()
                 st.graph.captured(st.epoch, graph)
             graph = st.graph.graph
-            graph.launch(self.stream)
+            self.dev.replay(graph)
             st.graph.replayed()
         out = self._download(st.dec["logits"], self.dtype)
         if rec:
@@ -980,78 +1180,124 @@ class CupyBackend:
         self._linear("lm_head", self._ptr(h), D, self._ptr(d["logits"]), c.vocab_size, B, decode=True)
 
 
+class CupyEmulatedBackend(CupyBackend):
+    """The CuPy backend, host code and kernels unchanged, on the CPU: its device is the CUDA
+    emulator (EmulatedDevice; backends/cuda_emu.py), so the whole executor runs and is checked
+    without a GPU. Slow (every launch runs twice and is compared): for tests, tiny models.
+
+    Options as CupyBackend (no compiler choice: g++ builds the kernels), plus `schedules`
+    (NEMOH_EMU_SCHEDULES, default 2; 1 skips the race check). The KV cache starts at 256 tokens
+    (NEMOH_CUPY_MAX_LEN) so that growth is exercised early."""
+
+    name = "cupy-emulated"
+
+    def __init__(self, max_len: int | None = None, cuda_graphs: bool | None = None, schedules: int | None = None):
+        if max_len is None:
+            max_len = int(os.environ.get("NEMOH_CUPY_MAX_LEN", 256))
+        super().__init__(max_len=max_len, cuda_graphs=cuda_graphs)
+        self.schedules = int(schedules if schedules is not None else os.environ.get("NEMOH_EMU_SCHEDULES", 2))
+        if self.schedules not in (1, 2):
+            raise NemohError(f"cupy-emulated backend: schedules must be 1 or 2, got {self.schedules}")
+
+    def available(self) -> Support:
+        import shutil
+
+        from . import cuda_emu
+
+        if shutil.which(cuda_emu.CXX) is None:
+            return Support.no(f"the CUDA emulator needs a C++17 compiler: {cuda_emu.CXX} not found "
+                              "(apt-get install g++, or set NEMOH_EMU_CXX)")
+        return Support.yes()
+
+    def _make_device(self, device: str | None) -> EmulatedDevice:
+        if device not in (None, "cpu"):
+            raise NemohError(f"cupy-emulated backend runs on the CPU, got device {device!r}")
+        return EmulatedDevice(self.schedules)
+
+
 # ----------------------------------------------------------------------------------------------
 # Roofline of one decode step (predicted, from the IR's shapes; see cupy_kernels/NOTES.md)
 # ----------------------------------------------------------------------------------------------
 
-def decode_roofline(graph: Graph, batch: int = 1, context: int = 0) -> dict[str, tuple[int, int, int]]:
-    """kernel -> (bytes moved, FLOPs, launches) for one decode step of `batch` rows with `context`
-    cached tokens: each input read once, each output written once (the floor, not a measurement)."""
+#: linear op (its name's last part, and the layer kind where it matters) -> the GEMV launch that runs it
+_GEMV = {"in_proj": "gemv (in_proj)", "out_proj": "gemv (out_proj)", "q_proj": "gemv (q,k,v)", "k_proj": "gemv (q,k,v)",
+         "v_proj": "gemv (q,k,v)", "o_proj": "gemv (o_proj)", "fc1_latent_proj": "gemv (latent)",
+         "fc2_latent_proj": "gemv (latent)", "lm_head": "gemv (lm_head)"}
+
+
+def decode_roofline(graph: Graph, batch: int = 1, context: int = 1) -> dict[str, tuple[int, int, int]]:
+    """kernel -> (bytes moved, FLOPs, launches) for one decode step of `batch` rows after `context`
+    cached tokens: each input read once, each output written once (the floor, not a measurement).
+
+    Parameters read, carried state read and written, and FLOPs are nemoh's one cost model
+    (nemoh.bench.cost.op_costs, the same figures nemoh-bench divides by its timings). What this
+    backend adds is its own: which launch runs which ops (q, k and v in one GEMV; the residual add
+    fused into the next RMSNorm; relu2 into its GEMV) and the activations each launch reads and writes.
+    """
     c, B, S = graph.config, batch, context
-    e = ITEMSIZE[graph.dtype]
-    D, V = c.hidden_size, c.vocab_size
+    e = dtypes.ITEMSIZE[graph.dtype]
+    D = c.hidden_size
     rows: dict[str, list[int]] = {}
 
-    def add(kernel: str, nbytes: int, flops: int) -> None:
+    def add(kernel: str, nbytes: int, flops: int = 0, launches: int = 1) -> None:
         r = rows.setdefault(kernel, [0, 0, 0])
         r[0] += nbytes
         r[1] += flops
-        r[2] += 1
+        r[2] += launches
 
-    def gemv(kernel: str, n_in: int, n_out: int) -> None:  # weights once, activations per row
-        add(kernel, n_out * n_in * e + B * (n_in + n_out) * e, 2 * B * n_in * n_out)
-
-    add("embedding", B * D * e * 2 + B * 4, 0)
-    for layer in graph.layers:
-        add("add_rmsnorm", B * D * e * 4 + D * e, 4 * B * D)  # x, delta in; x, h out; weight
-        if layer.kind == "mamba":
-            H, P, N, G, K = c.mamba_num_heads, c.mamba_head_dim, c.ssm_state_size, c.n_groups, c.conv_kernel
-            C, di = c.conv_dim, c.d_inner
-            gemv("gemv (in_proj)", D, c.in_proj_dim)
-            add("conv1d_step", B * C * e * 2 + C * (K + 1) * e + 2 * B * C * (K - 1) * e, B * C * (2 * K + 4))
-            add("ssd_step", 2 * B * H * P * N * 4 + B * (di + 2 * G * N + H) * e + B * di * 4 + 3 * H * 4,
-                B * H * P * (4 * N + 2))
-            add("gated_rmsnorm", B * di * (4 + e + e) + di * e, 8 * B * di)
-            gemv("gemv (out_proj)", di, D)
-        elif layer.kind == "attention":
-            Q, KV, Dh = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-            gemv("gemv (q,k,v)", D, (Q + 2 * KV) * Dh)
-            add("kv_append", 4 * B * KV * Dh * e, 0)
-            add("attn_decode", 2 * B * (S + 1) * KV * Dh * e + B * (S + 1) * 4 + 2 * B * Q * Dh * e,
-                4 * B * Q * Dh * (S + 1))
-            gemv("gemv (o_proj)", Q * Dh, D)
-        elif layer.kind == "mlp":
-            gemv("gemv (up, relu2)", D, c.intermediate_size)
-            gemv("gemv (down)", c.intermediate_size, D)
-        else:
-            k, L, I, E = c.num_experts_per_tok, c.moe_input_size, c.moe_intermediate_size, c.n_routed_experts
-            add("moe_router", E * D * e + E * 4 + B * D * e + 8 * B * k, 2 * B * E * D)
-            if c.moe_latent_size is not None:
-                gemv("gemv (latent)", D, L)
-                gemv("gemv (latent)", L, D)
-            used = min(E, B * k)  # distinct experts read at most
-            add("moe_gemv", 2 * used * I * L * e + B * k * (I + L) * e * 2, 4 * B * k * I * L)
-            add("moe_combine", B * k * (L * e + 4) + B * L * e, 2 * B * k * L)
-            if c.n_shared_experts and c.moe_shared_expert_intermediate_size:
-                gemv("gemv (shared)", D, c.moe_shared_expert_intermediate_size)
-                gemv("gemv (shared)", c.moe_shared_expert_intermediate_size, D)
-    add("add_rmsnorm", B * D * e * 4 + D * e, 4 * B * D)
-    gemv("gemv (lm_head)", D, V)
+    for oc in op_costs(graph, B, 1, S):
+        op, k = oc.op, oc.op.kind
+        part = op.name.removeprefix(f"layers.{oc.layer.index}.mixer.")
+        base = oc.param_bytes + oc.state_read_bytes + oc.state_write_bytes
+        if k == "embedding":
+            add("embedding", base + B * D * e + B * 4, oc.flops)  # the rows out, the ids in
+        elif k == "rmsnorm":
+            add("add_rmsnorm", base + 4 * B * D * e, oc.flops)  # x, delta in; x, h out
+        elif k == "linear":
+            n_in, n_out = op.a["in_features"], op.a["out_features"]
+            shared_input = part in ("k_proj", "v_proj")  # one launch reads h once for q, k and v
+            if part.startswith("shared_experts."):
+                kernel = "gemv (shared)"
+            elif oc.layer.kind == "mlp":
+                kernel = "gemv (up, relu2)" if part == "up_proj" else "gemv (down)"
+            else:
+                kernel = _GEMV[part.rsplit(".", 1)[-1]]
+            add(kernel, base + B * ((0 if shared_input else n_in) + n_out) * e, oc.flops, 0 if shared_input else 1)
+        elif k == "causal_conv1d":
+            add("conv1d_step", base + 2 * B * op.a["channels"] * e, oc.flops)  # xBC in, out
+        elif k == "ssd_scan":
+            H, di, gn = c.mamba_num_heads, c.d_inner, c.n_groups * c.ssm_state_size
+            add("ssd_step", base + B * (di + 2 * gn + H) * e + B * di * 4, oc.flops)  # x, B, C, dt in; y fp32 out
+        elif k == "gated_rmsnorm":
+            add("gated_rmsnorm", base + B * c.d_inner * (4 + 2 * e))  # y fp32, z in; out
+        elif k == "attention":
+            Q, KV, Dh = op.a["heads"], op.a["kv_heads"], op.a["head_dim"]
+            add("kv_append", oc.state_write_bytes + 2 * B * KV * Dh * e)  # the new k, v: read, appended
+            # S cached keys and values (the state read), the appended one again, the key mask, q in, out
+            add("attn_decode", oc.state_read_bytes + 2 * B * KV * Dh * e + B * (S + 1) * 4 + 2 * B * Q * Dh * e,
+                oc.flops)
+        elif k == "moe_router":
+            add("moe_router", base + B * D * e + 8 * B * c.num_experts_per_tok, oc.flops)  # h in; (w, idx) out
+        elif k == "moe_experts":
+            kk, L, I = c.num_experts_per_tok, c.moe_input_size, c.moe_intermediate_size
+            add("moe_gemv", base + 2 * B * kk * (I + L) * e, oc.flops)
+            add("moe_combine", B * kk * (L * e + 4) + B * L * e, 2 * B * kk * L)  # the weighted sum
+        # split, relu2 and add are fused into the launches above: no memory traffic of their own
     return {k: tuple(v) for k, v in rows.items()}
 
 
 def _roofline_main(argv: list[str]) -> int:
     import argparse
 
-    from nemoh.config import load_config
-    from nemoh.ir import build_graph
+    from nemoh.model.config import load_config
+    from nemoh.model.ir import build_graph
 
     ap = argparse.ArgumentParser(prog="python -m nemoh.backends.cupy_backend",
                                  description="Predicted decode-step roofline from a config.json")
     ap.add_argument("config")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--context", type=int, default=0)
+    ap.add_argument("--context", type=int, default=1, help="cached tokens before the step (default 1)")
     ap.add_argument("--bandwidth", type=float, default=3.35e12, help="bytes/s (H100 SXM HBM3 datasheet)")
     a = ap.parse_args(argv)
     g = build_graph(load_config(a.config), a.dtype)

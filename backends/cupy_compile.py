@@ -5,7 +5,7 @@ which `extern "C" __global__` entry points each file must export (`KERNELS`), th
 they are built with (`nvrtc_options`), and how to compile them without a GPU: NVRTC is called
 through ctypes (nvrtcCreateProgram / nvrtcCompileProgram / nvrtcGetPTX or nvrtcGetCUBIN), so
 neither a driver nor CuPy is needed. CI uses this to prove every kernel compiles for sm_80 and
-sm_90 (`tests/test_cupy_kernels.py`); the backend uses the same function to build the cubin it
+sm_90 (`tests/backends/test_cupy_kernels.py`); the backend uses the same function to build the cubin it
 loads through `cupy.RawModule(path=...)`.
 
 Where NVRTC and the CUDA headers come from (first hit wins):
@@ -47,6 +47,46 @@ KERNELS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "attention.cu": (("kv_append", "attn_prefill", "attn_decode_split", "attn_decode_combine"), ()),
     "moe.cu": (("moe_router", "moe_gemv", "moe_combine"), ()),
     "linear.cu": (("gemv", "relu2", "add", "gather_rows"), ()),
+}
+
+#: kernel stem -> its parameter list exactly as the .cu source declares it, `T` being the compute
+#: dtype of the `<stem>_<suffix>` instantiations (`i64` is `long long`). Launchers that marshal
+#: arguments by hand (the CPU emulator, backends/cuda_emu.py) read the types from here;
+#: tests/backends/test_cupy_emulated.py checks it against the sources, and the emulator's generated launchers
+#: only compile when every declared type equals the kernel's parameter type.
+SIGNATURES: dict[str, str] = {
+    "embedding": "const int* ids, const T* W, T* out, int D, int V",
+    "add_rmsnorm": "T* x, const T* delta, const T* w, T* h, const int* rowmask, int D, float eps",
+    "gated_rmsnorm": "const float* y, const T* z, int ldz, const T* w, T* out, int d_inner, int gs, float eps",
+    "conv1d_prefill": "const T* xbc, int ld, const T* w, const T* bias, const T* state, const int* mask, T* out, "
+                      "int T_, int C, int K, int tt",
+    "conv1d_state_update": "const T* xbc, int ld, T* state, const int* mask, int B, int T_, int C, int K",
+    "conv1d_step": "const T* xbc, int ld, const T* w, const T* bias, T* state, const int* mask, T* out, int B, "
+                   "int C, int K",
+    "ssd_dt_cumsum": "const T* dt_raw, int ld, const T* dt_bias, const float* A, float* dtd, double* cum, int B, "
+                     "int T_, int H, int chunk, float dt_min, float dt_max",
+    "ssd_chunk_state": "const T* xbc, const float* dtd, const double* cum, float* states, int T_, int H, int P, "
+                       "int G, int N, int chunk",
+    "ssd_state_passing": "float* states, float* ssm, const double* cum, int B, int T_, int H, int PN, int chunk",
+    "ssd_chunk_scan": "const T* xbc, const float* dtd, const double* cum, const float* starts, const T* Dp, "
+                      "float* y, int T_, int H, int P, int G, int N, int chunk",
+    "ssd_step": "const T* xbc, int ldx, const T* dt_raw, int ld, const T* dt_bias, const float* A, const T* Dp, "
+                "float* ssm, float* y, int H, int P, int G, int N, float dt_min, float dt_max",
+    "kv_append": "const T* k, const T* v, int ldkv, T* kc, T* vc, int* kmask, const int* mask, const int* len, "
+                 "int T_, int Smax, int KVD",
+    "attn_prefill": "const T* q, int ldq, const T* kc, const T* vc, const int* kmask, const int* len, T* out, "
+                    "int T_, int Q, int KV, int Dh, int Smax, float scale",
+    "attn_decode_split": "const T* q, const T* kc, const T* vc, const int* kmask, const int* len, float* part, "
+                         "int Q, int KV, int Dh, int Smax, int NS, float scale",
+    "attn_decode_combine": "const float* part, T* out, int Q, int Dh, int NS",
+    "moe_router": "const T* h, const T* Wg, const float* bias, float* out_w, int* out_idx, int D, int E, "
+                  "int top_k, int n_group, int topk_group, int norm, float scaling",
+    "moe_gemv": "const T* W, const int* idx, const T* x, int ldx, int xdiv, T* y, int R, int Cc, int act, int vec",
+    "moe_combine": "const float* w, const T* y, const int* pos, T* out, int L, int top_k",
+    "gemv": "const T* W, const T* x, int ldx, T* y, int ldy, int R, int Cc, int M, int act, int vec",
+    "relu2": "T* x, i64 n",
+    "add": "const T* a, const T* b, T* out, i64 n",
+    "gather_rows": "const T* src, const int* rows, T* out, int D",
 }
 
 #: the architectures CI compiles for (A100 and H100/H200)

@@ -41,10 +41,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from nemoh.backend import Support
+from nemoh import dtypes
 from nemoh.errors import NemohError
-from nemoh.ir import OP_KINDS, Graph
-from nemoh.weights import TORCH_DTYPES, Checkpoint
+from nemoh.model.ir import OP_KINDS, Graph
+from nemoh.model.weights import Checkpoint
+from nemoh.runtime.backend import BackendBase, Support
 
 # A tiny config with every op kind (mamba, attention, mlp, latent group-limited MoE with a shared
 # expert): what `supports` lowers and runs to find out what the providers can do.
@@ -108,14 +109,14 @@ def _probe(dtype: str, providers: tuple) -> dict[str, Support]:
     import onnx
     import onnxruntime as ort
 
-    from nemoh.config import parse_config
-    from nemoh.ir import build_graph
+    from nemoh.model.config import parse_config
+    from nemoh.model.ir import build_graph
 
     from .onnx_export import lower_graph
 
     graph = build_graph(parse_config(_PROBE_CONFIG, "<onnx probe config>"), dtype)
     gen = torch.Generator().manual_seed(0)
-    params = {t.name: torch.rand(t.shape, generator=gen).to(TORCH_DTYPES[t.dtype]) for t in graph.params}
+    params = {t.name: torch.rand(t.shape, generator=gen).to(dtypes.torch_dtype(t.dtype)) for t in graph.params}
     model = lower_graph(graph, params)
     where = f"onnxruntime {ort.__version__} on {providers[0]}"
     try:
@@ -156,8 +157,8 @@ class OnnxState:
     batch: int = 1
 
 
-class OnnxBackend:
-    """Implements nemoh.backend.Backend with onnxruntime on the graph lowered from the IR."""
+class OnnxBackend(BackendBase):
+    """Implements nemoh.runtime.backend.Backend with onnxruntime on the graph lowered from the IR."""
 
     name = "onnx"
 
@@ -183,18 +184,16 @@ class OnnxBackend:
         return Support.yes()
 
     def supports(self, op_kind: str, dtype: str) -> Support:
-        if op_kind not in OP_KINDS:
-            return Support.no(f"unknown op kind {op_kind!r}")
-        if dtype not in TORCH_DTYPES:
-            return Support.no(f"dtype {dtype} is not one of {', '.join(TORCH_DTYPES)}")
-        ok = self.available()
+        ok = super().supports(op_kind, dtype)
+        if ok.ok:
+            ok = self.available()
         if not ok.ok:
             return ok
         providers = self._providers if self.session is not None else self._choose_providers(None)[0]
         return _probe(dtype, tuple(p if isinstance(p, str) else p[0] for p in providers))[op_kind]
 
     def describe(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"backend": self.name}
+        d: dict[str, Any] = super().describe()
         try:
             import onnx
             import onnxruntime as ort
@@ -275,7 +274,7 @@ class OnnxBackend:
         return _make_session(str(path), providers), {t.name: t for t in light.graph.initializer}, path.parent
 
     def read_param(self, name: str) -> torch.Tensor:
-        from .onnx_export import tensor_from_proto
+        from .onnx_ops import tensor_from_proto
 
         if name not in self._inits:
             raise NemohError(f"onnx backend: no initializer named '{name}'")
@@ -308,7 +307,7 @@ class OnnxBackend:
         if missing:
             raise NemohError(f"onnx backend: state to import lacks {', '.join(missing)}")
         mask = tensors["mask"].cpu().bool().clone()
-        return OnnxState({s.name: self._ortvalue(_to_numpy(tensors[s.name].to(TORCH_DTYPES[s.dtype])))
+        return OnnxState({s.name: self._ortvalue(_to_numpy(tensors[s.name].to(dtypes.torch_dtype(s.dtype))))
                           for s in self.graph.states}, mask, mask.shape[0])
 
     # -- compute ------------------------------------------------------------------------------

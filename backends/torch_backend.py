@@ -15,9 +15,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from nemoh.backend import Support
-from nemoh.ir import OP_KINDS, Graph, Layer
-from nemoh.weights import TORCH_DTYPES, Checkpoint
+from nemoh import dtypes
+from nemoh.model.ir import Graph, Layer
+from nemoh.model.weights import Checkpoint
+from nemoh.runtime.backend import BackendBase
 
 
 @dataclass
@@ -28,10 +29,6 @@ class TorchState:
     v: dict[int, torch.Tensor] = field(default_factory=dict)
     mask: torch.Tensor | None = None  # [B, S] bool, True for real tokens
     batch: int = 1
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def segsum(a: torch.Tensor) -> torch.Tensor:
@@ -85,8 +82,8 @@ def ssd_step(x, dt, A, B, C, D, s):
     return y, s
 
 
-class TorchBackend:
-    """Implements nemoh.backend.Backend with plain PyTorch."""
+class TorchBackend(BackendBase):
+    """Implements nemoh.runtime.backend.Backend with plain PyTorch, in every dtype of nemoh.dtypes."""
 
     name = "torch"
 
@@ -96,19 +93,8 @@ class TorchBackend:
         self.device = torch.device("cpu")
         self.dtype = torch.float32
 
-    # -- capabilities -------------------------------------------------------------------------
-    def available(self) -> Support:
-        return Support.yes()
-
-    def supports(self, op_kind: str, dtype: str) -> Support:
-        if op_kind not in OP_KINDS:
-            return Support.no(f"unknown op kind {op_kind!r}")
-        if dtype not in TORCH_DTYPES:
-            return Support.no(f"dtype {dtype} is not one of {', '.join(TORCH_DTYPES)}")
-        return Support.yes()
-
     def describe(self) -> dict[str, Any]:
-        d = {"backend": self.name, "device": str(self.device), "torch": torch.__version__,
+        d = {**super().describe(), "device": str(self.device), "torch": torch.__version__,
              "dtype": str(self.dtype).removeprefix("torch.")}
         if self.device.type == "cuda":
             d["device_name"] = torch.cuda.get_device_name(self.device)
@@ -118,9 +104,9 @@ class TorchBackend:
     def load(self, graph: Graph, checkpoint: Checkpoint, *, device: str | None = None) -> None:
         self.graph = graph
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = TORCH_DTYPES[graph.dtype]
+        self.dtype = dtypes.torch_dtype(graph.dtype)
         self.p = {k: v.to(self.device) for k, v in checkpoint.load(graph).items()}
-        self.acc = _acc(self.dtype)
+        self.acc = dtypes.acc(self.dtype)
         # derived once: A = -exp(A_log) exactly once, in the accumulation dtype
         self.A = {l.index: -torch.exp(self.p[f"layers.{l.index}.mixer.A_log"].to(self.acc))
                   for l in graph.layers if l.kind == "mamba"}
@@ -134,13 +120,11 @@ class TorchBackend:
         st = TorchState(batch=batch, mask=torch.zeros(batch, 0, dtype=torch.bool, device=self.device))
         for l in g.layers:
             for s in l.states:
-                if s.kind == "conv":
-                    st.conv[l.index] = torch.zeros(batch, *s.shape, dtype=TORCH_DTYPES[s.dtype], device=self.device)
-                elif s.kind == "ssm":
-                    st.ssm[l.index] = torch.zeros(batch, *s.shape, dtype=TORCH_DTYPES[s.dtype], device=self.device)
-                else:
-                    getattr(st, s.kind)[l.index] = torch.zeros(batch, 0, *s.shape, dtype=TORCH_DTYPES[s.dtype],
-                                                               device=self.device)
+                dt = dtypes.torch_dtype(s.dtype)
+                if s.kind in ("conv", "ssm"):
+                    getattr(st, s.kind)[l.index] = torch.zeros(batch, *s.shape, dtype=dt, device=self.device)
+                else:  # k, v: [B, S, KV, Dh], S grows from 0
+                    getattr(st, s.kind)[l.index] = torch.zeros(batch, 0, *s.shape, dtype=dt, device=self.device)
         return st
 
     def copy_state(self, state: TorchState) -> TorchState:
@@ -184,14 +168,15 @@ class TorchBackend:
             norm = layer.ops[0]
             h = self._rmsnorm(x, self.p[f"layers.{i}.norm.weight"], norm.a["eps"])
             rec(norm.name, h)
-            if layer.kind == "mamba":
-                out = self._mamba(layer, h, state, pad, rec)
-            elif layer.kind == "attention":
-                out = self._attention(layer, h, state, key_mask, rec)
-            elif layer.kind == "mlp":
-                out = self._mlp(f"layers.{i}.mixer.", h, rec)
-            else:
-                out = self._moe(layer, h, rec)
+            with self.at(f"layers.{i}.mixer ({layer.kind})"):
+                if layer.kind == "mamba":
+                    out = self._mamba(layer, h, state, pad, rec)
+                elif layer.kind == "attention":
+                    out = self._attention(layer, h, state, key_mask, rec)
+                elif layer.kind == "mlp":
+                    out = self._mlp(f"layers.{i}.mixer.", h, rec)
+                else:
+                    out = self._moe(layer, h, rec)
             x = x + out
             rec(f"layers.{i}.residual", x)
             rec(f"layers.{i}", x)
@@ -277,9 +262,9 @@ class TorchBackend:
         rec(pre + "out_proj", out)
         return out
 
-    def _qk(self, q, k, start: int):
-        """q [B, T, Q, Dh] (positions start..), k [B, S, KV, Dh] (positions 0..): Nemotron-H attention
-        has no positional encoding, so they pass through unchanged."""
+    def _qk(self, q, k):
+        """q [B, T, Q, Dh] (the last T of the S cached positions), k [B, S, KV, Dh] (positions 0..S-1):
+        Nemotron-H attention has no positional encoding, so they pass through unchanged."""
         return q, k
 
     def _attention(self, layer: Layer, h, state: TorchState, key_mask, rec):
@@ -293,7 +278,7 @@ class TorchBackend:
         state.k[i] = k = torch.cat([state.k[i], k], dim=1)
         state.v[i] = v = torch.cat([state.v[i], v], dim=1)
         S_all = k.shape[1]
-        q, k = self._qk(q, k, S_all - T)
+        q, k = self._qk(q, k)
         pos = torch.arange(S_all, device=h.device)
         visible = (pos[None, :] <= pos[S_all - T:, None])[None, None] & key_mask[:, None, None, :]  # [B,1,T,S]
         has_key = visible.any(-1, keepdim=True)

@@ -1,72 +1,31 @@
-"""A complete third-party nemoh backend: it wraps the built-in PyTorch executor.
+"""A complete third-party nemoh backend: it wraps the built-in PyTorch executor and counts calls.
 
-Every method of the protocol (nemoh.backend.Backend) is here, each delegating to the wrapped
-backend, plus one thing of its own: it counts forward calls and tokens and reports them in
-`describe()`, which lands in every conformance result. Replace the delegation with your engine's
-calls to test your own port.
-
-Run it without installing anything (the module only has to be importable):
+nemoh.runtime.backend.BackendBase gives the defaults (available, supports from `dtypes`,
+supports_graph, copy_state, describe) and names the backend, method, op, shapes and dtype in
+any error. Replace the delegation with your engine's calls to test your own port:
 
     PYTHONPATH=examples nemoh conformance --model tiny-moe --backend wrapped_backend:WrappedTorch
 
-or register it from your package's pyproject.toml, exactly like nemoh's built-ins:
-
-    [project.entry-points."nemoh.backends"]
-    wrapped = "wrapped_backend:WrappedTorch"
-
-and then `nemoh conformance --model tiny-moe --backend wrapped`.
+or register it in your pyproject.toml under [project.entry-points."nemoh.backends"]:
+`wrapped = "wrapped_backend:WrappedTorch"`, then `--backend wrapped`.
 """
 
-from __future__ import annotations
-
-from typing import Any
-
-import torch
-
-from nemoh.backend import Support
 from nemoh.backends.torch_backend import TorchBackend
+from nemoh.runtime.backend import BackendBase
 
 
-class WrappedTorch:
+class WrappedTorch(BackendBase):
     name = "wrapped-torch"
+    dtypes = ("float64", "float32", "bfloat16")  # declines float16, to show NOT_SUPPORTED
 
-    def __init__(self) -> None:
-        self.inner = TorchBackend()
-        self.calls = 0
-        self.tokens = 0
+    def __init__(self):
+        self.inner, self.calls = TorchBackend(), 0
+        self.load, self.new_state, self.read_param = self.inner.load, self.inner.new_state, self.inner.read_param
+        self.export_state, self.import_state = self.inner.export_state, self.inner.import_state
 
-    def available(self) -> Support:
-        return self.inner.available()
-
-    def supports(self, op_kind: str, dtype: str) -> Support:
-        if dtype == "float16":
-            return Support.no("this example declines float16 to show how NOT_SUPPORTED is reported")
-        return self.inner.supports(op_kind, dtype)
-
-    def load(self, graph, checkpoint, *, device: str | None = None) -> None:
-        self.inner.load(graph, checkpoint, device=device)
-
-    def new_state(self, batch: int) -> Any:
-        return self.inner.new_state(batch)
-
-    def copy_state(self, state: Any) -> Any:
-        return self.inner.copy_state(state)
-
-    def forward(self, state: Any, ids: torch.Tensor, mask: torch.Tensor | None = None, *,
-                last_only: bool = False, trace: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, state, ids, mask=None, *, last_only=False, trace=None):
         self.calls += 1
-        self.tokens += ids.numel()
         return self.inner.forward(state, ids, mask, last_only=last_only, trace=trace)
 
-    def export_state(self, state: Any) -> dict[str, torch.Tensor]:
-        return self.inner.export_state(state)
-
-    def import_state(self, tensors: dict[str, torch.Tensor]) -> Any:
-        return self.inner.import_state(tensors)
-
-    def read_param(self, name: str) -> torch.Tensor:
-        return self.inner.read_param(name)
-
-    def describe(self) -> dict[str, Any]:
-        return {**self.inner.describe(), "backend": self.name, "wraps": "torch",
-                "forward_calls_so_far": self.calls, "tokens_so_far": self.tokens}
+    def describe(self):
+        return {**self.inner.describe(), **super().describe(), "wraps": "torch", "forward_calls_so_far": self.calls}

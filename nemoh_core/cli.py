@@ -10,34 +10,27 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import NemohError
+from nemoh import display, dtypes, plugins
+from nemoh.errors import NemohError, did_you_mean, one_line
 
 
 def _config_for(model: str):
     """The ModelConfig of a checkpoint directory, a config.json, or a preset (no weights needed)."""
-    from .config import load_config, parse_config
-    from .presets import PRESETS
+    from nemoh.model.config import load_config, parse_config
+    from nemoh.model.presets import PRESETS
 
     p = Path(model)
     if p.exists():
         return load_config(p)
     if model in PRESETS:
         return parse_config(PRESETS[model].config, f"preset {model}")
-    from .presets import resolve_model
+    from nemoh.model.presets import resolve_model
 
     return load_config(resolve_model(model))  # raises the did-you-mean error
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .ir import build_graph
+    from nemoh.model.ir import build_graph
 
     config = _config_for(args.model)
     g = build_graph(config, args.dtype)
@@ -53,7 +46,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     summary = {
         "model": args.model, "source": config.source, "dtype": g.dtype, "pattern": config.pattern,
         "num_layers": config.num_layers, "layers": layers,
-        "params_total": g.params_total, "params_by_kind": g.params_by_kind(),
+        # params_total is transformers' model.num_parameters(); buffers_total the checkpoint tensors that
+        # are buffers there (the router's e_score_correction_bias); checkpoint_tensors_total both
+        "params_total": g.params_total, "buffers_total": g.buffers_total,
+        "checkpoint_tensors_total": g.checkpoint_tensors_total, "params_by_kind": g.params_by_kind(),
         "state_bytes_per_sequence": g.state_bytes_per_sequence,
         "state_bytes_per_token": g.state_bytes_per_token,
         "sizes": {"hidden_size": config.hidden_size, "d_inner": config.d_inner, "conv_dim": config.conv_dim,
@@ -74,21 +70,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"\n  {'layer':>5}  {'kind':<10} {'params':>16}  {'state/seq':>12}  {'state/token':>12}")
     for l in layers:
         print(f"  {l['index']:>5}  {l['kind']:<10} {l['params']:>16,}  "
-              f"{_human(l['state_bytes_per_sequence']) if l['state_bytes_per_sequence'] else '':>12}  "
-              f"{_human(l['state_bytes_per_token']) if l['state_bytes_per_token'] else '':>12}")
+              f"{display.nbytes(l['state_bytes_per_sequence']) if l['state_bytes_per_sequence'] else '':>12}  "
+              f"{display.nbytes(l['state_bytes_per_token']) if l['state_bytes_per_token'] else '':>12}")
     print("\n  params by kind:")
     for k, v in summary["params_by_kind"].items():
         print(f"    {k:<10} {v:>16,}")
     print(f"  params total:  {g.params_total:,}")
-    print(f"  state per sequence (conv + ssm): {_human(g.state_bytes_per_sequence)} "
+    if g.buffers_total:
+        print(f"  buffers total: {g.buffers_total:,} (router correction bias; in the checkpoint, "
+              f"{g.checkpoint_tensors_total:,} elements in all)")
+    print(f"  state per sequence (conv + ssm): {display.nbytes(g.state_bytes_per_sequence)} "
           f"({g.state_bytes_per_sequence:,} bytes)")
-    print(f"  state per token of context (kv): {_human(g.state_bytes_per_token)} "
+    print(f"  state per token of context (kv): {display.nbytes(g.state_bytes_per_token)} "
           f"({g.state_bytes_per_token:,} bytes)")
     return 0
 
 
 def cmd_make_model(args: argparse.Namespace) -> int:
-    from .presets import write_checkpoint
+    from nemoh.model.presets import write_checkpoint
 
     out = write_checkpoint(args.preset, args.out, seed=args.seed, max_shard_size=args.max_shard_size)
     print(f"wrote {args.preset} to {out}")
@@ -96,9 +95,9 @@ def cmd_make_model(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from .config import parse_config
-    from .ir import build_graph
-    from .presets import PRESETS
+    from nemoh.model.config import parse_config
+    from nemoh.model.ir import build_graph
+    from nemoh.model.presets import PRESETS
 
     for name, p in PRESETS.items():
         g = build_graph(parse_config(p.config, name), "float32")
@@ -107,31 +106,45 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .runtime import greedy_generate, open_model
-    from .tokenizer import load_tokenizer
+    from nemoh.model.tokenizer import load_tokenizer
+    from nemoh.runtime.session import check_device, check_fits, check_generation, check_ids, greedy_generate, open_model
 
     if (args.prompt is None) == (args.ids is None):
         raise NemohError("give exactly one of --prompt TEXT or --ids 1,2,3")
-    m = open_model(args.model, args.backend, args.dtype, args.device)
-    for n in m.checkpoint.notices:
-        print(f"note: {n}", file=sys.stderr)
+    if args.max_new_tokens < 1:
+        raise NemohError(f"-n/--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    check_device(args.device)
+    ids = None
     if args.ids is not None:
         try:
             ids = [int(x) for x in args.ids.split(",")]
         except ValueError:
-            raise NemohError(f"--ids must be comma-separated integers, got {args.ids!r}") from None
+            raise NemohError(f"--ids must be comma-separated integers, got {args.ids[:60]!r}") from None
+        if any(abs(i) >= 1 << 62 for i in ids):
+            raise NemohError(f"--ids: token id {next(i for i in ids if abs(i) >= 1 << 62)} is out of range")
+    m = open_model(args.model, args.backend, args.dtype, args.device)
+    for n in m.checkpoint.notices:
+        print(f"note: {n}", file=sys.stderr)
+    if ids is None:
+        ids = load_tokenizer(m.path).encode(args.prompt)
+    check_ids([ids], m.config.vocab_size)
+    check_generation(m.config, len(ids), args.max_new_tokens)  # sizes up front: positions, then memory
+    check_fits(m.graph, args.device, tokens=len(ids) + args.max_new_tokens)
+    if args.prompt is None:
         toks, _ = greedy_generate(m, [ids], args.max_new_tokens)
         print(",".join(str(t) for t in toks[0].tolist()))
         return 0
     tok = load_tokenizer(m.path)
-    toks, _ = greedy_generate(m, [tok.encode(args.prompt)], args.max_new_tokens)
+    toks, _ = greedy_generate(m, [ids], args.max_new_tokens)
     print(args.prompt + tok.decode(toks[0].tolist()))
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Load a checkpoint on a backend and check every tensor it holds is bit-equal to the file."""
-    from .runtime import open_model
+    from nemoh.runtime.session import check_device, open_model
+
+    check_device(args.device)
 
     m = open_model(args.model, args.backend, args.dtype, args.device)
     for n in m.checkpoint.notices:
@@ -145,35 +158,46 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def cmd_export_onnx(args: argparse.Namespace) -> int:
-    """Lower a model's IR to ONNX: model.onnx plus model.onnx.data (the weights), checked."""
-    from .backends.onnx_export import export_onnx
-
-    path = export_onnx(args.model, args.out, args.dtype)
-    print(f"wrote {path} (+ {path.name}.data, dtype {args.dtype}); passes onnx.checker and shape inference")
-    return 0
-
-
 def cmd_lm_eval(args: argparse.Namespace) -> int:
     """lm-eval's own command line, every argument passed through, with the `nemoh` model registered."""
-    from .evals import lm_eval_cli
+    from nemoh.eval.tasks import lm_eval_cli
 
     return lm_eval_cli(args.args)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """MMLU / GSM8K (or nemoh's fixture tasks) through lm-eval on a backend, offline only."""
-    from .evals import print_report, run_eval
+    from nemoh.eval.tasks import print_report, run_eval
+    from nemoh.output import atomic_write, check_output_paths
+    from nemoh.runtime.session import check_device
 
-    if args.json is not None and not args.json.parent.exists():
-        raise NemohError(f"{args.json.parent}: no such directory for the output file {args.json.name}")
+    check_output_paths({"--json": args.json})
+    check_device(args.device)
     report = run_eval(args.model, args.backend, _csv(args.tasks), dtype=args.dtype, device=args.device,
                       limit=args.limit, num_fewshot=args.num_fewshot, data_dir=args.data_dir,
                       batch_size=args.batch_size, max_gen_toks=args.max_gen_toks, argv=["nemoh", *sys.argv[1:]])
     print_report(report)
     if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
+        atomic_write(args.json, json.dumps(report, indent=1, default=str) + "\n")
     return 0
+
+
+# `nemoh conformance` (nemoh.conformance.runner.EXIT_*); here so that --help imports no torch
+CONFORMANCE_EXIT_CODES = """\
+exit codes:
+  0  every case that ran passed, and at least one case ran (NOT_SUPPORTED and SKIPPED do not fail)
+  1  a case FAILed: out of tolerance, an exception (the message says whether the backend, the
+     reference or the harness raised it), a timeout, or a crashed worker (--isolate)
+  2  bad input or usage (one line on stderr): unknown or empty --backend/--dtype/--suite, a backend
+     factory that exits or returns something that is not a backend, a preset that cannot be
+     generated without an optional package
+  3  nothing was checked: no case ran (all NOT_SUPPORTED or SKIPPED, e.g. --backend cupy without CUDA)
+  4  the run was cut short: without --isolate a case ran past --case-timeout; that case is FAILed,
+     the partial report (--json) lists the cases that never ran, and the process exits
+     (if the hung call holds Python's interpreter lock, faulthandler ends the process 30 s later
+     instead: exit 1, every thread's stack on stderr, the report as of the last finished case)
+130  interrupted (Ctrl-C); the --json report written so far is kept, marked incomplete"""
+DEFAULT_CASE_TIMEOUT = 600.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -186,88 +210,100 @@ def _csv(value: str) -> list[str]:
 
 
 def cmd_conformance(args: argparse.Namespace) -> int:
-    from .conformance import run_conformance
-    from .report_io import write_html, write_json, write_junit
+    from nemoh.conformance.junit import write_junit
+    from nemoh.conformance.runner import run_conformance
+    from nemoh.output import write_html, write_json
 
+    for flag, value in (("--backend", args.backend), ("--dtype", args.dtype), ("--suite", args.suite)):
+        if value is not None and not _csv(value):  # `--dtype ,`, `--backend ''`: nothing to run is not a pass
+            raise NemohError(f"{flag} {value!r} names nothing; give at least one"
+                             f"{' (or leave --suite out to run all)' if flag == '--suite' else ''}")
+    if not 0 <= args.case_timeout < float("inf"):  # NaN and inf too
+        raise NemohError(f"--case-timeout must be >= 0 seconds (0: no limit), got {args.case_timeout:g}")
     for dt in _csv(args.dtype):
-        if dt not in ("float64", "float32", "bfloat16", "float16"):
-            raise NemohError(f"Unknown dtype '{dt}'. Available: float64, float32, bfloat16, float16")
-    outputs = [p for p in (args.json, args.html, args.junit) if p]
-    for p in outputs:  # fail before the run, not after it
-        if p.exists() and p.is_dir():
-            raise NemohError(f"{p}: is a directory, expected a file path")
-        if not p.parent.exists():
-            raise NemohError(f"{p.parent}: no such directory for the output file {p.name}")
-    from .reference import quiet_transformers
+        if dt not in dtypes.NAMES:
+            raise NemohError(did_you_mean("dtype", dt, dtypes.NAMES))
+    from nemoh.output import check_output_paths
+    from nemoh.runtime.session import check_device
+
+    # fail before the run, not after it
+    check_output_paths({"--json": args.json, "--html": args.html, "--junit": args.junit})
+    check_device(args.device)
+    from nemoh.oracle.reference import quiet_transformers
 
     quiet_transformers()
-    report = run_conformance(args.model, _csv(args.backend), _csv(args.dtype), _csv(args.suite) or None,
+    report = run_conformance(args.model, _csv(args.backend), _csv(args.dtype),
+                             None if args.suite is None else _csv(args.suite),
                              argv=["nemoh", *sys.argv[1:]] if args.argv is None else args.argv,
-                             progress=not args.no_progress, device=args.device)
+                             progress=not args.no_progress, device=args.device,
+                             case_timeout=args.case_timeout, isolate=args.isolate, json_path=args.json)
     print_table(report)
     if args.json:
         write_json(report, args.json)
     if args.html:
-        write_html(report, args.html)
+        write_html(report, args.html, "conformance-html")
     if args.junit:
         write_junit(report, args.junit)
     return report["summary"]["exit_code"]
 
 
+WIDTH = 120  # the console table never needs a wider terminal
+
+
+def _cell(c: dict | None) -> str:
+    if c is None:
+        return "-"
+    desc = f"{c['status']} {c['counts']['OK']}/{c['cases']}"
+    w = c["worst_metric"]
+    if w:
+        op = ">=" if w["higher_is_better"] else "<="
+        desc += f"  {w['name']} {w['value_repr']} ({op} {display.num(w['tolerance'])})"
+    return desc
+
+
 def print_table(report: dict) -> None:
-    """Compact: suite x backend/dtype, each cell the suite's status and its worst metric vs tolerance."""
-    runs = report["runs"]
+    """Suite x backend/dtype, each cell the suite's status, its cases passed and its worst metric against
+    its tolerance (the report's summary computes them); one block per backend/dtype when a grid would be
+    wider than 120 columns. Then the failures grouped by where they start, and why cases did not run."""
+    sm = report["summary"]
     suites = [s["name"] for s in report["suites"]]
-    cols = [f"{r['spec']}/{r['dtype']}" for r in runs]
-    cells: dict[tuple[str, str], str] = {}
-    for r, col in zip(runs, cols):
-        for suite in suites:
-            rs = [x for x in r["results"] if x["suite"] == suite]
-            status = report["summary"]["matrix"][col].get(suite, "-")
-            worst, ratio = None, -1.0
-            for x in rs:
-                w = x["worst_metric"]
-                if w and w["tolerance"] is not None:
-                    v, t = w["value"], w["tolerance"]
-                    q = float("inf") if v is None else ((1 - v) / max(1 - t, 1e-300) if w["higher_is_better"]
-                                                        else (v / t if t else (float("inf") if v else 0.0)))
-                    if q > ratio:
-                        worst, ratio = w, q
-            n = sum(x["status"] == "OK" for x in rs)
-            desc = f"{status} {n}/{len(rs)}"
-            if worst:
-                op = ">=" if worst["higher_is_better"] else "<="
-                desc += f"  {worst['name']} {worst['value_repr']} ({op} {worst['tolerance']:.3g})"
-            cells[(suite, col)] = desc
-    w0 = max(len(s) for s in suites + ["suite"])
-    widths = [max(len(c), *(len(cells[(s, c)]) for s in suites)) for c in cols]
+    cols = [f"{r['spec']}/{r['dtype']}" for r in report["runs"]]
+    text = {(s, c): _cell(sm["cells"].get(c, {}).get(s)) for s in suites for c in cols}
     print(f"{report['model']['name']}  ({report['model']['pattern']}, {report['model']['params_total']:,} params)")
-    print("  ".join([f"{'suite':<{w0}}"] + [f"{c:<{w}}" for c, w in zip(cols, widths)]))
-    for s in suites:
-        print("  ".join([f"{s:<{w0}}"] + [f"{cells[(s, c)]:<{w}}" for c, w in zip(cols, widths)]))
-    for r, col in zip(runs, cols):
-        for x in r["results"]:
-            if x["status"] == "FAIL":
-                loc = x.get("localisation") or {}
-                where = (f"  -> first diverging: layer {loc['layer']} ({loc['kind']}), op {loc['op']}"
-                         f" (call {loc['call'] + 1}/{loc['calls']})") if loc.get("found") else ""
-                print(f"FAIL {col} {x['id']}: {x['message']}{where}")
-    for r, col in zip(runs, cols):
-        reasons = sorted({x["message"] for x in r["results"] if x["status"] in ("NOT_SUPPORTED", "SKIPPED")})
-        for reason in reasons:
-            print(f"not run {col}: {reason}")
-    c = report["summary"]["counts"]
+    w0 = max(len(s) for s in suites + ["suite"])
+    widths = [max(len(c), *(len(text[(s, c)]) for s in suites)) for c in cols]
+    if w0 + sum(w + 2 for w in widths) <= WIDTH:
+        print("  ".join([f"{'suite':<{w0}}"] + [f"{c:<{w}}" for c, w in zip(cols, widths)]).rstrip())
+        for s in suites:
+            print("  ".join([f"{s:<{w0}}"] + [f"{text[(s, c)]:<{w}}" for c, w in zip(cols, widths)]).rstrip())
+    else:
+        for c in cols:
+            print(c)
+            for s in suites:
+                print(f"  {s:<{w0}}  {text[(s, c)]}"[:WIDTH])
+    for g in sm["failure_groups"]:
+        print(f"FAIL x{len(g['cases'])}, first diverging: {g['where']}")
+        for x in g["cases"]:
+            print(f"FAIL {x['column']} {x['id']}: {x['message']}")
+    for c, reasons in sm["not_run"].items():
+        for x in reasons:
+            print(f"not run {c} ({x['cases']} {x['status']}): {x['reason']}")
+    for u in report.get("unfinished") or []:
+        print(f"never finished {u['spec']}/{u['dtype']} {u['id']}")
+    c = sm["counts"]
     print(f"{c['OK']} OK, {c['FAIL']} FAIL, {c['NOT_SUPPORTED']} NOT_SUPPORTED, {c['SKIPPED']} SKIPPED")
+    if sm.get("exit_code") == 3:
+        print("nothing was checked: no case ran (every case NOT_SUPPORTED or SKIPPED); exit code 3")
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="nemoh", description="Conformance and benchmarking for Nemotron-H executors.")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=_Parser)
-    dtypes = ["float64", "float32", "bfloat16", "float16"]
+    dtype_names = list(dtypes.NAMES)
 
     p = sub.add_parser("inspect", help="layer table, parameter count and state sizes of a model")
     p.add_argument("model", help="checkpoint directory, config.json, or preset name")
-    p.add_argument("--dtype", choices=dtypes, help="compute dtype for byte counts (default: the config's)")
+    p.add_argument("--dtype", choices=dtype_names, help="compute dtype for byte counts (default: the config's)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("--ir", action="store_true", help="print the graph IR as text")
@@ -290,34 +326,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ids", help="token ids instead of text, e.g. 1,45,300 (prints ids)")
     p.add_argument("-n", "--max-new-tokens", type=int, default=16)
     p.add_argument("--backend", default="torch")
-    p.add_argument("--dtype", choices=dtypes)
+    p.add_argument("--dtype", choices=dtype_names)
     p.add_argument("--device")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("conformance", help="run the conformance suites on backends against the references")
+    p = sub.add_parser("conformance", help="run the conformance suites on backends against the references",
+                       epilog=CONFORMANCE_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint directory or preset name")
     p.add_argument("--backend", required=True, help="NAME[,NAME...] or package.module:factory")
     p.add_argument("--dtype", default="float32", help="DTYPE[,DTYPE...] (default float32)")
-    p.add_argument("--suite", default="", help="SUITE[,SUITE...] (default: all)")
+    p.add_argument("--suite", help="SUITE[,SUITE...] (default: all)")
     p.add_argument("--json", type=Path, help="write the results (schema: reports/conformance.schema.json)")
     p.add_argument("--html", type=Path, help="write a self-contained HTML report")
     p.add_argument("--junit", type=Path, help="write JUnit XML")
     p.add_argument("--device")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--case-timeout", type=float, default=DEFAULT_CASE_TIMEOUT, metavar="SECONDS",
+                   help=f"time limit per case, and separately per localisation and backend load (default "
+                   f"{DEFAULT_CASE_TIMEOUT:g}; 0: none). A case past it is FAILed; without --isolate the partial "
+                   "report is written and the run ends (exit 4), with --isolate the worker is killed and the run "
+                   "goes on")
+    p.add_argument("--isolate", action="store_true",
+                   help="run each backend/dtype's cases in a worker process: a case that hangs or crashes the "
+                   "process (abort, SIGSEGV) is FAILed and the remaining cases run in a fresh worker")
     p.set_defaults(func=cmd_conformance, argv=None)
 
     p = sub.add_parser("verify", help="check every loaded tensor is bit-equal to the checkpoint file")
     p.add_argument("model")
     p.add_argument("--backend", default="torch")
-    p.add_argument("--dtype", choices=dtypes, help="load at this dtype (compared with the file cast to it)")
+    p.add_argument("--dtype", choices=dtype_names, help="load at this dtype (compared with the file cast to it)")
     p.add_argument("--device")
     p.set_defaults(func=cmd_verify)
-
-    p = sub.add_parser("export-onnx", help="lower a model to an ONNX graph (model.onnx + external weights)")
-    p.add_argument("model", help="checkpoint directory or preset name")
-    p.add_argument("--out", required=True, type=Path, help="directory to write model.onnx into")
-    p.add_argument("--dtype", choices=dtypes, default="float32", help="compute dtype (default float32)")
-    p.set_defaults(func=cmd_export_onnx)
 
     p = sub.add_parser("lm-eval", help="lm-eval's command line with the nemoh model registered (all arguments "
                        "passed through, e.g. --model nemoh --model_args pretrained=DIR,backend=onnx --tasks ...)",
@@ -330,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="torch")
     p.add_argument("--tasks", required=True,
                    help="TASK[,TASK...]: mmlu, gsm8k, nemoh_mmlu_fixture, nemoh_gsm8k_fixture")
-    p.add_argument("--dtype", choices=dtypes)
+    p.add_argument("--dtype", choices=dtype_names)
     p.add_argument("--device")
     p.add_argument("--limit", type=float, help="items per (sub)task; the result is then not a benchmark result")
     p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's own)")
@@ -340,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-gen-toks", type=int, help="cap generated tokens (changes the task: not a benchmark result)")
     p.add_argument("--json", type=Path, help="write the results as JSON")
     p.set_defaults(func=cmd_eval)
+    for register in plugins.load_all(plugins.COMMANDS).values():  # e.g. export-onnx, from nemoh.backends
+        register(sub)
     return ap
 
 
@@ -348,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except NemohError as e:
-        print(f"nemoh: error: {e}", file=sys.stderr)
+        print(f"nemoh: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("nemoh: interrupted", file=sys.stderr)

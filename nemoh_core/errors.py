@@ -27,6 +27,15 @@ class InputError(NemohError):
     """Bad runtime input: token ids out of range, wrong shapes, a bad mask."""
 
 
+def one_line(text: object) -> str:
+    """`text` on one printable line: control characters (a newline inside a tensor name, a path or a
+    key from a hostile file) are shown escaped, so an error message is always exactly one line."""
+    s = str(text)
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
+
+
 def did_you_mean(kind: str, name: str, choices: Iterable[str]) -> str:
     """"Unknown backend 'cupyy'. Did you mean: cupy? Available: cupy, onnx, torch"."""
     choices = sorted(choices)

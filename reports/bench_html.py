@@ -14,11 +14,14 @@ from __future__ import annotations
 import base64
 import io
 import json
-import math
 import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from nemoh import display
+from nemoh.bench.plan import FORMAT
+from nemoh.output import atomic_write
 
 TEMPLATE = "bench.html.j2"
 
@@ -123,23 +126,6 @@ def plots(result: dict[str, Any]) -> dict[str, str]:
 
 # -- formatting filters (presentation only) ----------------------------------------------------
 
-def _si(x: Any, unit: str = "") -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "–"
-    for p, f in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= f:
-            return f"{x / f:.2f} {p}{unit}"
-    return f"{x:.3g} {unit}".strip()
-
-
-def _ms(x: Any) -> str:
-    return "–" if x is None else f"{x * 1e3:.2f}"
-
-
-def _pct(x: Any) -> str:
-    return "–" if x is None else f"{100 * x:.1f}%"
-
-
 def _num(x: Any, digits: int = 2) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
@@ -154,7 +140,7 @@ def render(result: dict[str, Any]) -> str:
 
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
                              lstrip_blocks=True)
-    env.filters.update(si=_si, ms=_ms, pct=_pct, num=_num, mib=_mib)
+    env.filters.update(si=display.si, ms=display.ms, pct=display.pct, num=_num, mib=_mib)
     text = resources.files("nemoh.reports").joinpath("templates", TEMPLATE).read_text(encoding="utf-8")
     return env.from_string(text).render(r=result, plots=plots(result),
                                         json_pretty=json.dumps(result["settings"], indent=1))
@@ -163,7 +149,7 @@ def render(result: dict[str, Any]) -> str:
 def write_html(result: dict[str, Any], path: str | Path) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(render(result), encoding="utf-8")
+    atomic_write(p, render(result))
     return p
 
 
@@ -177,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, json.JSONDecodeError) as e:
         print(f"bench_html: error: {argv[0]}: {e}", file=sys.stderr)
         return 2
-    if result.get("format") != "nemoh-bench/1":
-        print(f"bench_html: error: {argv[0]}: not a nemoh-bench/1 result", file=sys.stderr)
+    if result.get("format") != FORMAT:
+        print(f"bench_html: error: {argv[0]}: not a {FORMAT} result", file=sys.stderr)
         return 2
     write_html(result, argv[1])
     return 0

@@ -1,32 +1,23 @@
 """Render a conformance JSON report as one self-contained HTML file.
 
-It only renders: every number comes from the JSON (written by nemoh.conformance); nothing is
+It only renders: every number comes from the JSON (written by nemoh.conformance.runner); nothing is
 computed here beyond formatting. Every string from the input is escaped (jinja2 autoescape), and
 the page needs no network: inline CSS, no scripts.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from importlib.resources import files
 from typing import Any
 
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        if v == 0 or (1e-3 <= abs(v) < 1e5):
-            return f"{v:.4g}"
-        return f"{v:.3e}"
-    return str(v)
+from nemoh import display
 
 
 def _err(v: Any) -> str:
     """An error value; the JSON holds null for a non-finite one (NaN or inf)."""
-    return "NaN/inf" if v is None else _fmt(v)
+    return "NaN/inf" if v is None else display.num(v, 4)
 
 
 def _bar(error: float | None, tolerance: float | None) -> int:
@@ -39,13 +30,24 @@ def _bar(error: float | None, tolerance: float | None) -> int:
     return int(max(1, min(100, 50 + 10 * r)))
 
 
+def _detail(v: Any) -> str:
+    """A detail value as text: numbers formatted, anything nested as compact JSON (non-ASCII escaped,
+    so a generated text with odd bytes reads as the escapes it is, not as garbled glyphs)."""
+    if isinstance(v, (dict, list)):
+        return json.dumps(v, ensure_ascii=True, separators=(", ", ": "), default=str)
+    if isinstance(v, str):
+        return v if v.isascii() else json.dumps(v, ensure_ascii=True)
+    return display.num(v, 4)
+
+
 def render(report: dict[str, Any]) -> str:
     from jinja2 import Environment, StrictUndefined, select_autoescape
 
     env = Environment(autoescape=select_autoescape(default=True, default_for_string=True),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters["fmt"] = _fmt
+    env.filters["fmt"] = display.num
     env.filters["err"] = _err
+    env.filters["detail"] = _detail
     env.globals["bar"] = _bar
     template = env.from_string((files("nemoh.reports") / "templates" / "conformance.html.j2").read_text("utf-8"))
     cols = [f"{r['spec']}/{r['dtype']}" for r in report["runs"]]

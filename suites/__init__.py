@@ -1,18 +1,6 @@
-"""The conformance suites. Each module defines `SUITE`, a `nemoh.harness.Suite`.
+"""The conformance suites. Each module defines `SUITE`, a `nemoh.conformance.case.Suite`.
 
-Adding a suite: a module here and one line in `all_suites`. Nothing is imported until asked for.
+Adding a suite: a module here (or in any package) and one line under
+`[project.entry-points."nemoh.suites"]` in pyproject.toml. The core finds suites only through that
+group (nemoh.plugins); nothing is imported until asked for.
 """
-
-from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from nemoh.harness import Suite
-
-
-def all_suites() -> dict[str, Suite]:
-    from . import decode, determinism, eval_parity, logits, prefill_chunks, weights
-
-    return {s.name: s for s in (logits.SUITE, prefill_chunks.SUITE, decode.SUITE, determinism.SUITE, weights.SUITE,
-                                eval_parity.SUITE)}

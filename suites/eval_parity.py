@@ -8,12 +8,10 @@ top-1 logit on the same tokens (both re-run token by token on that item's prompt
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-from nemoh.harness import Case, Metric, Result, Status, Suite, judge
-from nemoh.tolerances import tol
+from nemoh.conformance.case import Case, Metric, Result, Status, Suite, judge
+from nemoh.conformance.tolerances import tol
 
 SUITE_NAME = "eval-parity"
 MMLU, GSM8K = "nemoh_mmlu_fixture", "nemoh_gsm8k_fixture"
@@ -42,21 +40,15 @@ def _evaluate(lm, case: Case) -> list[dict]:
     """lm-eval's per-item records for the case's task, one per document, by doc_id."""
     import lm_eval
 
-    from nemoh.evals import offline, task_manager
+    from nemoh.eval.tasks import offline, quiet_lm_eval, task_manager
 
     p = case.p
-    # lm-eval's notes here (few-shot overridden, a model passed as an object) are about this setup
-    log, level = logging.getLogger("lm_eval"), logging.getLogger("lm_eval").level
-    log.setLevel(logging.ERROR)
-    try:
-        with offline():
-            res = lm_eval.simple_evaluate(
-                model=lm, tasks=[p["task"]], limit=p["limit"], num_fewshot=p["fewshot"],
-                task_manager=task_manager(False), log_samples=True, bootstrap_iters=0, random_seed=case.seed,
-                numpy_random_seed=case.seed, torch_random_seed=case.seed, fewshot_random_seed=case.seed,
-                gen_kwargs={"max_gen_toks": p["max_gen_toks"]} if "max_gen_toks" in p else None)
-    finally:
-        log.setLevel(level)
+    with offline(), quiet_lm_eval():  # lm-eval's notes here (a model passed as an object, ...) are about this setup
+        res = lm_eval.simple_evaluate(
+            model=lm, tasks=[p["task"]], limit=p["limit"], num_fewshot=p["fewshot"],
+            task_manager=task_manager(False), log_samples=True, bootstrap_iters=0, random_seed=case.seed,
+            numpy_random_seed=case.seed, torch_random_seed=case.seed, fewshot_random_seed=case.seed,
+            gen_kwargs={"max_gen_toks": p["max_gen_toks"]} if "max_gen_toks" in p else None)
     by_doc: dict[int, dict] = {}
     for s in res["samples"][p["task"]]:
         by_doc.setdefault(int(s["doc_id"]), s)  # generation tasks log one record per answer filter
@@ -67,7 +59,7 @@ def _lms(ctx):
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoTokenizer
 
-    from nemoh.lm_eval_model import NemohLM
+    from nemoh.eval.lm_eval_model import NemohLM
 
     ours = NemohLM(pretrained=ctx.model, batch_size=BATCH)
     softmax = "float64" if ctx.dtype == "float64" else "float32"
@@ -80,7 +72,10 @@ def run(case: Case, ctx) -> Result:
     why = _missing(ctx)
     if why:
         return Result(case, Status.SKIPPED, message=why)
-    ours_lm, hf_lm = _lms(ctx)
+    from nemoh.eval.tasks import quiet_lm_eval
+
+    with quiet_lm_eval():  # HFLM's notes about a model passed as an object are about this setup
+        ours_lm, hf_lm = _lms(ctx)
     ours, ref = _evaluate(ours_lm, case), _evaluate(hf_lm, case)
     if [s["doc_id"] for s in ours] != [s["doc_id"] for s in ref]:
         return Result(case, Status.FAIL, message="the two runs evaluated different documents")
@@ -166,7 +161,7 @@ def _parting(ctx, ours_lm, prompt: str, n: int) -> dict:
     one prefill: how far below its top-1 logit is the backend's token (0: the backend picked the
     precise top-1). The reference at the low precision is not the judge: transformers' bf16 decode path
     can pick a token its own fp32 prefill ranks in the hundreds, so it may be the side that left."""
-    from nemoh.runtime import greedy_generate
+    from nemoh.runtime.session import greedy_generate
 
     ids = torch.tensor([ours_lm.tok_encode(prompt)])
     toks, logits = greedy_generate(ctx.model, ids, n)
@@ -196,9 +191,9 @@ def scenario(result: Result, ctx):
     prompt = result.details.get("worst_prompt")
     if not prompt:
         return [(ctx.prompt(1, 64, result.case.seed), None)]
-    from nemoh.lm_eval_model import NemohLM
+    from nemoh.eval.lm_eval_model import NemohLM
 
     return [(torch.tensor([NemohLM(pretrained=ctx.model).tok_encode(prompt)]), None)]
 
 
-SUITE = Suite(SUITE_NAME, __doc__, cases, run, scenario)
+SUITE = Suite(SUITE_NAME, __doc__, cases, run, scenario, order=60)

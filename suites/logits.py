@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from nemoh.harness import Case, Result, Status, Suite, judge, logit_metrics
+from nemoh.conformance.case import Case, Result, Status, Suite, judge, logit_metrics
 
 REFS = ("oracle", "hf-float64", "hf-dtype")
 
@@ -43,4 +43,4 @@ def run(case: Case, ctx) -> Result:
     return judge(case, metrics, details=details)
 
 
-SUITE = Suite("logits", __doc__, cases, run, scenario)
+SUITE = Suite("logits", __doc__, cases, run, scenario, order=10)

@@ -3,7 +3,7 @@ real engines shipped in their Nemotron-H ports. Each overrides one seam of Torch
 
 `BUGS` maps a factory name to (preset where the bug is observable, the suite that must FAIL it,
 the layer kind it must be localised to, the ops it may be localised to). Used by
-tests/test_sensitivity.py through `nemoh conformance --backend broken_backends:NAME`.
+tests/sensitivity/test_sensitivity.py through `nemoh conformance --backend broken_backends:NAME`.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class ALogTwice(TorchBackend):
 class RopeAdded(TorchBackend):
     """Rotary position embeddings applied to q and k (the configs carry rope_theta; it is unused)."""
 
-    def _qk(self, q, k, start):
+    def _qk(self, q, k):
         def rope(x, pos):
             d = x.shape[-1]
             inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
@@ -85,7 +85,7 @@ class RopeAdded(TorchBackend):
             return x * cos[None, :, None] + torch.cat([-x2, x1], -1) * sin[None, :, None]
 
         T, S = q.shape[1], k.shape[1]
-        return rope(q, torch.arange(start, start + T)), rope(k, torch.arange(S))
+        return rope(q, torch.arange(S - T, S)), rope(k, torch.arange(S))
 
 
 class GatedNormUngrouped(TorchBackend):

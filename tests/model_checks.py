@@ -1,4 +1,5 @@
-"""Helpers shared by the per-backend model tests (tests/test_models.py, tests/test_onnx_backend.py)."""
+"""Helpers shared by the per-backend model tests (tests/backends/test_equivalences.py and the
+per-backend files beside it)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import functools
 import torch
 
 from nemoh import oracle
-from nemoh.presets import resolve_model
-from nemoh.runtime import open_model
-from nemoh.tolerances import rel_max_abs, tol
+from nemoh.conformance.tolerances import rel_max_abs, tol
+from nemoh.model.presets import resolve_model
+from nemoh.runtime.session import open_model
 
 T = 260  # crosses the 128-token chunk twice (and tiny-list's 32-token chunk eight times)
 

@@ -9,6 +9,8 @@
 
 #define ATT_DMAX 128
 #define ATT_TK 32
+#define ATT_QROWS 16      // query rows per prefill block (4 warps x 4 rows)
+#define ATT_GROUP_MAX 16  // query heads per KV head in decode (4 warps x at most 4 heads)
 
 // grid (B*T), block 128: append the new k, v rows at len + t and their mask bits.
 template <typename T>
@@ -35,16 +37,16 @@ __device__ void attn_prefill_impl(const T* __restrict__ q, int ldq, const T* __r
                                   const T* __restrict__ vc, const int* __restrict__ kmask,
                                   const int* __restrict__ len, T* __restrict__ out, int T_, int Q, int KV, int Dh,
                                   int Smax, float scale) {
-    __shared__ float Qs[16][ATT_DMAX];
+    __shared__ float Qs[ATT_QROWS][ATT_DMAX];
     __shared__ float Ks[ATT_TK][ATT_DMAX + 1];
     __shared__ float Vs[ATT_TK][ATT_DMAX + 1];
     __shared__ int km[ATT_TK];
-    const int qh = blockIdx.y, b = blockIdx.z, t0 = blockIdx.x * 16;
+    const int qh = blockIdx.y, b = blockIdx.z, t0 = blockIdx.x * ATT_QROWS;
     const int kvh = qh / (Q / KV);
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     const int S0 = len[0];
-    const int tn = min(16, T_ - t0);
-    for (int e = threadIdx.x; e < 16 * Dh; e += blockDim.x) {
+    const int tn = min(ATT_QROWS, T_ - t0);
+    for (int e = threadIdx.x; e < ATT_QROWS * Dh; e += blockDim.x) {
         const int r = e / Dh, d = e % Dh;
         Qs[r][d] = r < tn ? to_f(q[((i64)b * T_ + t0 + r) * ldq + qh * Dh + d]) : 0.f;
     }
@@ -123,7 +125,7 @@ __device__ void attn_decode_split_impl(const T* __restrict__ q, const T* __restr
                                        const T* __restrict__ vc, const int* __restrict__ kmask,
                                        const int* __restrict__ len, float* __restrict__ part, int Q, int KV, int Dh,
                                        int Smax, int NS, float scale) {
-    __shared__ float Qs[16][ATT_DMAX];
+    __shared__ float Qs[ATT_GROUP_MAX][ATT_DMAX];
     __shared__ float Ks[ATT_TK][ATT_DMAX + 1];
     __shared__ float Vs[ATT_TK][ATT_DMAX + 1];
     __shared__ int km[ATT_TK];

@@ -1,0 +1,141 @@
+"""The one table of tolerances, keyed by (metric, dtype), each with its reason.
+
+Metrics (a metric with no entry at a dtype is reported but not judged there):
+  logits_rel_max_abs  max |out - ref| / max |ref| over all logits, ref = the precise reference
+                      (nemoh's fp64 oracle, or transformers with its dt quirk removed).
+  logits_nmse         sum (out - ref)^2 / sum ref^2.
+  logits_kl           mean over positions of KL(softmax(ref) || softmax(out)), in nats.
+  logits_top1         the smallest acceptable fraction of positions whose argmax agrees with ref.
+  equiv_*             the same executor against itself run another way: one-shot prefill vs
+                      chunked prefill vs token-by-token decode, a sequence alone vs inside a
+                      left-padded batch; for logits and for the carried state.
+  greedy_match        the fraction of greedy steps before the first divergence from transformers.
+  layer_rel_rms       localisation: a layer's output, run in isolation against the oracle.
+
+"measured" figures come from `nemoh conformance --model PRESET --backend torch --dtype float64,float32,
+bfloat16,float16` (with this table disabled) and `python -m nemoh.conformance.measure_tolerances`, on the four
+tiny presets with 7-300 token prompts on a CPU; margins leave room for
+longer prompts and real models. The bugs the harness must catch move logits by far more: the
+reference's dt clamp alone moves them by over 100x the fp32 tolerance on every preset (asserted in
+tests/backends/test_torch_backend.py::test_reference_dt_clamp_is_observable_and_explained).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Tol:
+    value: float
+    reason: str
+
+
+TOLERANCES: dict[tuple[str, str], Tol] = {
+    # -- against a reference (the fp64 oracle; transformers with its dt clamp removed) -----------
+    ("logits_rel_max_abs", "float64"): Tol(
+        1e-12, "fp64 rounding (eps 2.2e-16) over O(1e3)-term reductions; measured <= 1.4e-15 vs the oracle"),
+    ("logits_rel_max_abs", "float32"): Tol(
+        2e-5, "fp32 eps 1.2e-7 times reduction depth and layer count; measured <= 8.7e-7 vs the fp64 oracle and "
+              "<= 4.3e-7 vs transformers fp32 (its dt clamp removed); 20x margin"),
+    # bf16/fp16 max-abs is reported, not judged: one near-tie expert flip moves a token by O(1)
+    ("logits_nmse", "float64"): Tol(1e-24, "fp64 rounding; measured <= 1e-30"),
+    ("logits_nmse", "float32"): Tol(1e-9, "measured <= 2.5e-13 vs the oracle and transformers"),
+    ("logits_nmse", "bfloat16"): Tol(0.05, "8 mantissa bits plus rare expert flips; measured <= 0.015"),
+    ("logits_nmse", "float16"): Tol(0.01, "11 mantissa bits plus rare expert flips; measured <= 1.5e-3"),
+    ("logits_kl", "float64"): Tol(1e-12, "rounding noise (it can come out slightly negative); measured <= 1e-16"),
+    ("logits_kl", "float32"): Tol(1e-8, "mean KL(ref || out) per position; measured <= 1.1e-12"),
+    ("logits_kl", "bfloat16"): Tol(0.2, "measured <= 0.058 (nats, mean over positions)"),
+    ("logits_kl", "float16"): Tol(0.03, "measured <= 5.8e-3 (nats, mean over positions)"),
+    ("logits_top1", "float64"): Tol(1.0, "exact arithmetic up to 1e-15: every argmax agrees"),
+    ("logits_top1", "float32"): Tol(0.999, "only exact near-ties may flip; measured 1.000 on every preset"),
+    ("logits_top1", "bfloat16"): Tol(
+        0.90, "bf16 keeps 8 mantissa bits; one rounding-induced expert flip moves a token's logits by O(1); "
+              "measured 0.933-0.987 vs the fp64 oracle"),
+    ("logits_top1", "float16"): Tol(0.97, "fp16 keeps 11 mantissa bits; measured 0.990-0.997 vs the fp64 oracle"),
+    # -- the same executor run two ways (chunked / decoded / batched vs one-shot) -----------------
+    ("equiv_rel_max_abs", "float64"): Tol(1e-12, "fp64 rounding only; measured <= 5.1e-15 (logits and state)"),
+    ("equiv_rel_max_abs", "float32"): Tol(
+        2e-5, "different chunking / batch shapes reorder fp32 sums; measured <= 1.5e-6 on logits, <= 3.5e-6 on "
+              "carried state"),
+    ("equiv_nmse", "float64"): Tol(1e-24, "fp64 rounding only; measured <= 8.3e-30"),
+    ("equiv_nmse", "float32"): Tol(1e-9, "measured <= 7.1e-12"),
+    ("equiv_nmse", "bfloat16"): Tol(
+        2e-3, "decode uses the single-step update where prefill uses chunked SSD, so fp32 differences cross "
+              "bf16 rounding boundaries and can flip a near-tie expert; measured <= 2.0e-4"),
+    ("equiv_nmse", "float16"): Tol(5e-3, "as bf16; measured <= 8.3e-4"),
+    ("equiv_top1", "float64"): Tol(1.0, "measured 1.000"),
+    ("equiv_top1", "float32"): Tol(0.999, "only exact near-ties may flip; measured 1.000"),
+    ("equiv_top1", "bfloat16"): Tol(0.97, "measured >= 0.992"),
+    ("equiv_top1", "float16"): Tol(0.98, "measured >= 0.994"),
+    # -- greedy generation against transformers' generate (fp32 reference) -------------------------
+    ("greedy_match", "float64"): Tol(1.0, "the same tokens, every step; measured 1.0 on every preset"),
+    ("greedy_match", "float32"): Tol(1.0, "the same tokens, every step; measured 1.0 on every preset"),
+    ("greedy_match", "bfloat16"): Tol(
+        0.0, "may part at a near-tie (measured 0.0-1.0 of 16 steps); judged by greedy_divergence_in_topk"),
+    ("greedy_match", "float16"): Tol(0.0, "as bf16; measured 1.0 on every preset"),
+    # -- quantized weights (suites/quant.py; keyed by quant type, as llama.cpp's KL-divergence mode judges
+    #    quants): regression bounds, about 2x the worst measured with llama.cpp 0c1e570 on the tiny presets
+    #    (docs/llamacpp.md). They flag a quantizer that got worse; whether a type is near-lossless on a real
+    #    model is read from the report's table, not from these bounds. The tiny presets' rows are narrower
+    #    than 256, so llama.cpp writes Q5/Q8 blocks for Q4_K_M and Q8_0 for Q6_K there.
+    ("quant_kl", "F16"): Tol(0.03, "nats vs the fp64 oracle, as the fp16 logits_kl row; measured <= 0.014 +- 0.006"),
+    ("quant_kl", "BF16"): Tol(0.2, "as the bf16 logits_kl row; measured <= 0.032 +- 0.009 (tiny-latent-moe)"),
+    ("quant_kl", "Q8_0"): Tol(0.3, "8-bit blocks, and the MoE presets' routers are built to flip experts; "
+                                   "measured <= 0.075 +- 0.018 (tiny-moe), 0.0014-0.0017 on the dense presets"),
+    ("quant_kl", "Q6_K"): Tol(0.3, "as Q8_0: llama.cpp writes the same Q8_0 tensors on the tiny presets"),
+    ("quant_kl", "Q4_K_M"): Tol(1.5, "measured <= 0.475 +- 0.058 (tiny-moe), 0.038-0.053 on the dense presets"),
+    ("quant_top1", "F16"): Tol(0.97, "agreement with the F32 weights, as the fp16 logits_top1 row; measured >= 0.994"),
+    ("quant_top1", "BF16"): Tol(0.90, "as the bf16 logits_top1 row; measured >= 0.963"),
+    ("quant_top1", "Q8_0"): Tol(0.80, "measured >= 0.902 +- 0.016 (tiny-moe)"),
+    ("quant_top1", "Q6_K"): Tol(0.80, "as Q8_0 (the same tensors on the tiny presets)"),
+    ("quant_top1", "Q4_K_M"): Tol(0.50, "measured >= 0.665 +- 0.026 (tiny-moe)"),
+    # -- localisation: one layer run in isolation against the oracle on the executor's own input ----
+    ("layer_rel_rms", "float64"): Tol(1e-12, "measured <= 5.3e-16"),
+    ("layer_rel_rms", "float32"): Tol(1e-5, "measured <= 3.8e-7"),
+    ("layer_rel_rms", "bfloat16"): Tol(0.25, "bf16 outputs plus rare expert flips; measured <= 0.087"),
+    ("layer_rel_rms", "float16"): Tol(0.15, "measured <= 0.052"),
+    # -- eval-parity: lm-eval fixture tasks, `nemoh` vs lm-eval's `hf` at the same dtype (fp64 judged as
+    #    fp32: transformers scans in fp32). Measured: 4 presets x torch/onnx x 8-16 MMLU-style items at
+    #    0/1/5 shots, 4-12 GSM8K-style items at 1/3 shots, 24-32 generated tokens
+    ("eval_loglik_abs", "float32"): Tol(
+        1e-4, "nats, per choice; measured <= 9.2e-6 (fp32) and <= 3.3e-6 (fp64) on log-likelihoods of 3-25 nats. "
+              "Not judged at bf16/fp16: one rounding-flipped expert choice moves a choice by O(1) (measured up to "
+              "3.46 bf16, 1.06 fp16, on tiny-latent-moe)"),
+    ("eval_loglik_mean_abs", "bfloat16"): Tol(0.5, "nats, mean over choices; measured <= 0.19 (tiny-latent-moe)"),
+    ("eval_loglik_mean_abs", "float16"): Tol(0.1, "nats, mean over choices; measured <= 0.026 (tiny-latent-moe, onnx)"),
+    ("eval_choice_agreement", "float32"): Tol(
+        1.0, "the same choice on every item (a reference margin within 2x eval_loglik_abs is excused); measured "
+             "1.0, smallest reference margin 3.6 nats. Reported at bf16/fp16 (measured 1.0), where a flip is "
+             "bounded by the log-likelihood errors judged above"),
+    ("eval_generation_match", "float32"): Tol(
+        1.0, "the same text on every item (fp32 and fp64, torch and onnx); reported at bf16/fp16, where greedy "
+             "decoding parts from transformers' on most items (measured 0.17-1.0 bf16, 0.67-1.0 fp16)"),
+    ("eval_parting_logit_gap", "bfloat16"): Tol(
+        6.0, "nats below the fp32 reference's top-1 of our token where the texts part; measured <= 3.22 over 54 "
+             "partings (rank <= 13 of 512, an expert choice rounded the other way on tiny-latent-moe); at those "
+             "steps the mean logit sits 6.7-10.9 nats below the top-1"),
+    ("eval_parting_logit_gap", "float16"): Tol(
+        6.0, "as bf16: fp16 rounds expert choices too (a log-likelihood moved by 1.06 above); measured <= 0.013 "
+             "over 25 partings"),
+}
+
+
+def tol(metric: str, dtype: str) -> float | None:
+    """The tolerance, or None where the table does not judge this metric at this dtype."""
+    t = TOLERANCES.get((metric, dtype))
+    return None if t is None else t.value
+
+
+def rel_max_abs(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref| (in fp64; 0 when both are all zeros)."""
+    out, ref = out.double(), ref.double()
+    denom = ref.abs().max().item()
+    err = (out - ref).abs().max().item() if out.numel() else 0.0
+    return err / denom if denom else err
+
+
+def top1_agreement(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return (out.argmax(-1) == ref.argmax(-1)).double().mean().item()

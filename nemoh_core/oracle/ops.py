@@ -1,0 +1,211 @@
+"""The oracle: a readable definition of every Nemotron-H op in plain PyTorch.
+
+This is the living definition each executor is measured against, op by op. It is written to be
+read, not to be fast. Run it in float64 for the precise reference; at a lower dtype it applies the
+same upcasts the model prescribes (norms, SSM, router and softmax in at least fp32).
+
+Dimension letters (see nemoh.model.config for the config names): B batch, T new tokens, S cached tokens,
+D hidden, H mamba heads, P mamba head dim, G groups, N state size, K conv kernel, C channels,
+Q query heads, KV key/value heads, Dh attention head dim, E experts, k experts per token,
+L expert input size (latent or D), I expert hidden size, M tokens flattened (B*T), V vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nemoh import dtypes
+
+# ----------------------------------------------------------------------------------------------
+# Ops
+# ----------------------------------------------------------------------------------------------
+
+def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """ids [B, T] int -> x [B, T, D]."""
+    return weight[ids]
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., D], weight [D] -> [..., D]. Normalised and scaled in fp32 (or fp64), cast back."""
+    a = dtypes.acc(x.dtype)
+    xf = x.to(a)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.to(a) * y).to(x.dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in], weight [out, in], bias [out] -> [..., out]."""
+    return F.linear(x, weight, bias)
+
+
+def relu2(x: torch.Tensor) -> torch.Tensor:
+    """Squared ReLU, elementwise."""
+    return torch.relu(x).square()
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise causal conv over time, then SiLU.
+
+    x [B, T, C], weight [C, 1, K], bias [C], state [B, C, K-1] (the K-1 inputs before x; zeros
+    for a fresh sequence) -> y [B, T, C], new state [B, C, K-1].
+    The carried state is the last K-1 *inputs* (pre-conv); a prompt shorter than K-1 keeps part of
+    the old state (the zero padding) inside it.
+    """
+    Bsz, T, C = x.shape
+    K = weight.shape[-1]
+    if state is None:
+        state = x.new_zeros(Bsz, C, K - 1)
+    full = torch.cat([state.to(x.dtype), x.transpose(1, 2)], dim=-1)  # [B, C, K-1+T]
+    w = weight[:, 0, :]  # [C, K]
+    y = sum(w[:, k, None] * full[:, :, k:k + T] for k in range(K))  # [B, C, T]
+    if bias is not None:
+        y = y + bias[:, None]
+    return F.silu(y).transpose(1, 2), full[:, :, -(K - 1):]
+
+
+def discretize_dt(dt: torch.Tensor, dt_bias: torch.Tensor, dt_min: float, dt_max: float | None) -> torch.Tensor:
+    """dt [B, T, H] raw from in_proj -> softplus(dt + dt_bias) clamped to time_step_limit, in fp32/fp64."""
+    a = dtypes.acc(dt.dtype)
+    d = F.softplus(dt.to(a) + dt_bias.to(a))
+    return d.clamp(min=dt_min, max=dt_max if dt_max is not None else float("inf"))
+
+
+def expand_groups(t: torch.Tensor, H: int) -> torch.Tensor:
+    """[B, T, G, N] -> [B, T, H, N]: contiguous heads share a group, g(h) = h // (H/G)."""
+    return t.repeat_interleave(H // t.shape[2], dim=2)
+
+
+def ssd_recurrent(x, dt, A_log, B, C, D, dt_bias, state=None, *, dt_min=0.0, dt_max=None):
+    """The Mamba2 selective scan as its defining recurrence, one token at a time.
+
+    x [B, T, H, P], dt [B, T, H] (raw), A_log [H], B/C [B, T, G, N], D [H], dt_bias [H],
+    state [B, H, P, N] -> y [B, T, H, P], state [B, H, P, N]. Computed in fp32 (fp64 for fp64).
+        s_t = exp(dt_t*A) * s_{t-1} + dt_t * B_t[g(h)] x_t     (outer product over P x N)
+        y_t = C_t[g(h)] . s_t + D * x_t
+    """
+    a = dtypes.acc(x.dtype)
+    Bsz, T, H, P = x.shape
+    N = B.shape[-1]
+    d = discretize_dt(dt, dt_bias, dt_min, dt_max)  # [B, T, H]
+    A = -torch.exp(A_log.to(a))  # [H], applied once
+    Bh, Ch, xf = expand_groups(B.to(a), H), expand_groups(C.to(a), H), x.to(a)
+    s = torch.zeros(Bsz, H, P, N, dtype=a, device=x.device) if state is None else state.to(a)
+    ys = []
+    for t in range(T):
+        decay = torch.exp(d[:, t] * A)  # [B, H]
+        s = decay[:, :, None, None] * s + (d[:, t, :, None, None] * xf[:, t, :, :, None] * Bh[:, t, :, None, :])
+        ys.append(torch.einsum("bhpn,bhn->bhp", s, Ch[:, t]) + D.to(a)[:, None] * xf[:, t])
+    y = torch.stack(ys, dim=1) if ys else xf.new_zeros(Bsz, 0, H, P)
+    return y, s
+
+
+def ssd_chunked(x, dt, A_log, B, C, D, dt_bias, state=None, *, chunk_size, dt_min=0.0, dt_max=None):
+    """The same scan in the chunked (SSD) form: exact for any T, any chunk size, any start state.
+
+    Shapes as `ssd_recurrent`. Within a chunk of length l the output is a masked, decayed
+    attention-like product; between chunks only the state [B, H, P, N] is carried. Decays are
+    cumulative sums of dt*A from the chunk start, so the segment decay between positions s <= t is
+    exp(cum[t] - cum[s]) and the decay applied to the incoming state is exp(cum[t]).
+    """
+    a = dtypes.acc(x.dtype)
+    Bsz, T, H, P = x.shape
+    N = B.shape[-1]
+    d = discretize_dt(dt, dt_bias, dt_min, dt_max)  # [B, T, H]
+    A = -torch.exp(A_log.to(a))
+    Bh, Ch, xf = expand_groups(B.to(a), H), expand_groups(C.to(a), H), x.to(a)
+    s = torch.zeros(Bsz, H, P, N, dtype=a, device=x.device) if state is None else state.to(a)
+    ys = []
+    for c0 in range(0, T, chunk_size):
+        sl = slice(c0, min(c0 + chunk_size, T))
+        dA = d[:, sl] * A  # [B, l, H]
+        cum = torch.cumsum(dA, dim=1)  # [B, l, H]
+        l = dA.shape[1]
+        causal = torch.ones(l, l, dtype=torch.bool, device=x.device).tril()
+        # seg[b, t, s, h] = cum[t] - cum[s] for s <= t, masked before exp so nothing overflows
+        seg = (cum[:, :, None, :] - cum[:, None, :, :]).masked_fill(~causal[None, :, :, None], float("-inf"))
+        xdt = xf[:, sl] * d[:, sl, :, None]  # [B, l, H, P]
+        scores = torch.einsum("bthn,bshn->btsh", Ch[:, sl], Bh[:, sl]) * torch.exp(seg)  # [B, l, l, H]
+        y_in = torch.einsum("btsh,bshp->bthp", scores, xdt)
+        y_state = torch.einsum("bthn,bhpn->bthp", Ch[:, sl], s) * torch.exp(cum)[..., None]
+        ys.append(y_in + y_state + D.to(a)[:, None] * xf[:, sl])
+        to_end = torch.exp(cum[:, -1:, :] - cum)  # [B, l, H]: decay from each position to the chunk end
+        s = torch.exp(cum[:, -1])[:, :, None, None] * s + torch.einsum("bsh,bshn,bshp->bhpn", to_end, Bh[:, sl], xdt)
+    y = torch.cat(ys, dim=1) if ys else xf.new_zeros(Bsz, 0, H, P)
+    return y, s
+
+
+def gated_rmsnorm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float,
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y, z [..., d_inner], weight [d_inner] -> [..., d_inner].
+
+    Gate first (v = y * silu(z)), then RMS-normalise each group of `group_size` contiguous channels
+    on its own, then scale by the weight.
+    """
+    a = dtypes.acc(y.dtype if out_dtype is None else out_dtype)
+    v = y.to(a) * F.silu(z.to(a))
+    g = v.unflatten(-1, (-1, group_size))  # [..., G, d_inner/G]
+    g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.to(a) * g.flatten(-2)).to(out_dtype or y.dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """Causal GQA without positional encoding; scale Dh^-0.5; softmax in fp32 (fp64 for fp64).
+
+    q [B, T, Q, Dh] (the new tokens), k/v [B, S+T, KV, Dh] (cache then new), key_mask [B, S+T]
+    (1 = a real token) -> [B, T, Q, Dh]. Query head j reads KV head j // (Q/KV). A query row with no
+    visible key (a padding position) outputs zeros.
+    """
+    a = dtypes.acc(q.dtype)
+    Bsz, T, Q, Dh = q.shape
+    S_all, KV = k.shape[1], k.shape[2]
+    kq = k.to(a).repeat_interleave(Q // KV, dim=2)  # [B, S+T, Q, Dh]
+    vq = v.to(a).repeat_interleave(Q // KV, dim=2)
+    scores = torch.einsum("btqd,bsqd->bqts", q.to(a), kq) * Dh ** -0.5  # [B, Q, T, S+T]
+    pos_q = torch.arange(S_all - T, S_all, device=q.device)  # absolute position of each new token
+    visible = (torch.arange(S_all, device=q.device)[None, :] <= pos_q[:, None])[None, None]  # [1,1,T,S+T]
+    visible = visible & key_mask.bool()[:, None, None, :]
+    p = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    p = torch.nan_to_num(p, nan=0.0)  # rows with nothing visible
+    return torch.einsum("bqts,bsqd->btqd", p, vq).to(q.dtype)
+
+
+def moe_router(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, top_k: int, n_group: int,
+               topk_group: int, norm_topk_prob: bool, routed_scaling_factor: float):
+    """h [M, D], weight [E, D], bias [E] (fp32) -> weights [M, k] (fp32/fp64), indices [M, k].
+
+    Scores are sigmoid(logits) computed in fp32. Experts are *chosen* by scores + bias, limited to
+    the `topk_group` groups with the best sum of their top-2 choice values; the *weights* are the
+    raw scores of the chosen experts (no bias), normalised if asked, times the scaling factor.
+    """
+    a = dtypes.acc(h.dtype)
+    scores = torch.sigmoid(h.to(a) @ weight.to(a).T)  # [M, E]
+    choice = scores + bias.to(a)
+    M, E = choice.shape
+    grouped = choice.view(M, n_group, E // n_group)
+    group_score = grouped.topk(min(2, E // n_group), dim=-1).values.sum(-1)  # [M, n_group]
+    keep = torch.zeros_like(group_score, dtype=torch.bool)
+    keep.scatter_(1, group_score.topk(topk_group, dim=-1).indices, True)
+    choice = choice.masked_fill(~keep.repeat_interleave(E // n_group, dim=1), float("-inf"))
+    idx = choice.topk(top_k, dim=-1).indices  # [M, k]
+    w = scores.gather(1, idx)
+    if norm_topk_prob:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return w * routed_scaling_factor, idx
+
+
+def moe_experts(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, up: torch.Tensor,
+                down: torch.Tensor) -> torch.Tensor:
+    """x [M, L], w [M, k], idx [M, k], up [E, I, L], down [E, L, I] -> [M, L].
+
+    out_m = sum_j w[m, j] * down[e] relu2(up[e] x_m), e = idx[m, j]. Each expert runs at the
+    model dtype; the weighted sum accumulates in fp32 (fp64 for fp64) and is cast back.
+    """
+    a = dtypes.acc(x.dtype)
+    out = torch.zeros(x.shape, dtype=a, device=x.device)
+    for m in range(x.shape[0]):
+        for j in range(idx.shape[1]):
+            e = int(idx[m, j])
+            out[m] += w[m, j].to(a) * (down[e] @ relu2(up[e] @ x[m])).to(a)
+    return out.to(x.dtype)

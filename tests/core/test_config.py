@@ -1,0 +1,242 @@
+"""Config parsing: every spelling, transformers' defaults, exact sizes, errors that name the field."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nemoh.errors import ConfigError
+from nemoh.model.config import ModelConfig, load_config, parse_config
+from nemoh.model.ir import build_graph
+
+SHARED = Path(__file__).resolve().parents[1] / "data" / "released"
+RELEASED = sorted(SHARED.glob("*.json"))
+assert len(RELEASED) == 2, SHARED
+
+
+def hf_meta_model(raw: dict):
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    hc = NemotronHConfig(**raw)
+    with torch.device("meta"):
+        return hc, NemotronHForCausalLM(hc)
+
+
+def mine_names(g) -> set[str]:
+    return {t.name for t in g.params}
+
+
+def hf_kinds(hc) -> list[str]:
+    names = {"linear_attention": "mamba", "full_attention": "attention", "mlp": "mlp", "moe": "moe"}
+    return [names[t] for t in hc.layers_block_type]
+
+
+@pytest.mark.parametrize("path", RELEASED, ids=lambda p: p.stem)
+def test_released_configs_match_transformers(path):
+    raw = json.loads(path.read_text())
+    cfg = load_config(path)
+    hc, model = hf_meta_model(raw)
+    assert list(cfg.layer_types) == hf_kinds(hc)
+    g = build_graph(cfg)
+    sd = model.state_dict()
+    # params_total is transformers' num_parameters(); the router's correction-bias buffers are counted
+    # apart, and the checkpoint holds both
+    assert g.params_total == model.num_parameters() == sum(p.numel() for p in model.parameters())
+    assert g.buffers_total == sum(t.numel() for n, t in sd.items() if "e_score_correction_bias" in n)
+    assert g.checkpoint_tensors_total == g.params_total + g.buffers_total == sum(t.numel() for t in sd.values())
+    assert {t.name for t in g.params if t.buffer} == {n.removeprefix("model.") for n, _ in model.named_buffers()
+                                                      if n.removeprefix("model.") in mine_names(g)}
+    # and tensor by tensor: the same names and shapes
+    mine = {t.name: t.shape for t in g.params}
+    theirs = {n.removeprefix("model."): tuple(t.shape) for n, t in sd.items()}
+    assert mine == theirs
+
+
+def test_nano30b_derived_sizes():
+    cfg = load_config(SHARED / "NVIDIA-Nemotron-3-Nano-30B-A3B-BF16.json")
+    assert cfg.d_inner == 64 * 64 != cfg.expand * cfg.hidden_size  # 4096 vs 5376
+    assert cfg.head_dim == 128 != cfg.hidden_size // cfg.num_attention_heads  # 128 vs 84
+    assert cfg.conv_dim == 4096 + 2 * 8 * 128
+    assert cfg.num_layers == 52 and cfg.pattern.count("*") == 6
+
+
+def test_8b_legacy_spellings():
+    cfg = load_config(SHARED / "Nemotron-H-8B-Base-8K.json")
+    assert cfg.head_dim == 128 and cfg.layer_norm_epsilon == 1e-5  # attention_head_dim, rms_norm_eps
+    assert cfg.pattern.count("-") == 24 and "E" not in cfg.pattern
+
+
+BASE = dict(model_type="nemotron_h", vocab_size=64, hidden_size=16, mamba_num_heads=4, mamba_head_dim=4,
+            ssm_state_size=4, n_groups=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+            intermediate_size=24, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
+            moe_shared_expert_intermediate_size=8)
+
+
+@pytest.mark.parametrize("spelling", [
+    {"hybrid_override_pattern": "M*-E"},
+    {"layers_block_type": ["mamba", "attention", "mlp", "moe"]},
+    {"layers_block_type": ["linear_attention", "full_attention", "mlp", "moe"]},
+    {"layer_types": ["linear_attention", "full_attention", "mlp", "moe"]},
+    {"layers_block_type": ["mamba", "attention", "mlp", "moe"], "hybrid_override_pattern": "MMMM"},
+    {"hybrid_override_pattern": "M*-E", "num_hidden_layers": 52},
+])
+def test_layer_spellings(spelling):
+    cfg = parse_config({**BASE, **spelling})
+    assert cfg.layer_types == ("mamba", "attention", "mlp", "moe") and cfg.num_layers == 4
+
+
+@pytest.mark.parametrize("legacy,canonical,value", [
+    ("mamba_n_groups", "n_groups", 4), ("mamba_d_conv", "conv_kernel", 3), ("mamba_expand", "expand", 3),
+    ("mamba_chunk_size", "chunk_size", 64), ("mamba_conv_bias", "use_conv_bias", False),
+    ("mamba_dt_min", "time_step_min", 0.002), ("mamba_dt_max", "time_step_max", 0.2),
+    ("mamba_dt_init_floor", "time_step_floor", 1e-3), ("attention_head_dim", "head_dim", 12),
+    ("rms_norm_eps", "layer_norm_epsilon", 1e-6), ("norm_eps", "layer_norm_epsilon", 1e-6),
+])
+def test_legacy_keys(legacy, canonical, value):
+    base = {k: v for k, v in BASE.items() if k != canonical}
+    cfg = parse_config({**base, "hybrid_override_pattern": "M*", legacy: value})
+    assert getattr(cfg, canonical) == value
+    # with both spellings present, the winner is transformers' winner: it pops mamba_* over the
+    # canonical field and does not know attention_head_dim / rms_norm_eps / norm_eps at all
+    default = getattr(ModelConfig(("mamba",)), canonical)
+    both = parse_config({**base, "hybrid_override_pattern": "M*", legacy: value, canonical: default})
+    assert getattr(both, canonical) == (value if legacy.startswith("mamba_") else default)
+    if legacy.startswith("mamba_") or legacy == "attention_head_dim":
+        from transformers import NemotronHConfig
+
+        hc = NemotronHConfig(**{**base, "hybrid_override_pattern": "M*", legacy: value, canonical: default})
+        assert getattr(hc, canonical) == getattr(both, canonical)
+
+
+def test_defaults_are_transformers_defaults():
+    from transformers import NemotronHConfig
+
+    hc = NemotronHConfig()
+    cfg = parse_config({"model_type": "nemotron_h"})
+    assert list(cfg.layer_types) == hf_kinds(hc)
+    for f in ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "intermediate_size", "mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups",
+              "conv_kernel", "expand", "chunk_size", "use_conv_bias", "use_bias", "time_step_min",
+              "time_step_max", "time_step_floor", "n_routed_experts", "num_experts_per_tok",
+              "moe_intermediate_size", "moe_shared_expert_intermediate_size", "moe_latent_size", "n_group",
+              "topk_group", "norm_topk_prob", "routed_scaling_factor", "layer_norm_epsilon", "mlp_bias",
+              "mamba_ssm_cache_dtype"):
+        assert getattr(cfg, f) == getattr(hc, f), f
+    assert tuple(cfg.time_step_limit) == tuple(hc.time_step_limit)
+
+
+def test_time_step_limit_spellings():
+    for lim in ([0.0, "inf"], [0.0, {"__float__": "Infinity"}], [0.0, float("inf")]):
+        assert parse_config({**BASE, "time_step_limit": lim}).time_step_limit == (0.0, math.inf)
+    assert parse_config({**BASE, "mamba_dt_limit": [0.001, 0.5]}).time_step_limit == (0.001, 0.5)
+
+
+def test_to_dict_round_trip():
+    cfg = load_config(SHARED / "NVIDIA-Nemotron-3-Nano-30B-A3B-BF16.json")
+    assert parse_config(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize("patch,field", [
+    ({"hybrid_override_pattern": "M*X"}, "hybrid_override_pattern"),
+    ({"layers_block_type": ["mamba", "transformer"]}, "layers_block_type"),
+    ({"layers_block_type": "M*"}, "layers_block_type"),
+    ({"mamba_num_heads": 6, "n_groups": 4}, "mamba_num_heads"),
+    ({"num_attention_heads": 3, "num_key_value_heads": 2}, "num_attention_heads"),
+    ({"hidden_size": 0}, "hidden_size"),
+    ({"hidden_size": -8}, "hidden_size"),
+    ({"hidden_size": "64"}, "hidden_size"),
+    ({"ssm_state_size": 2.5}, "ssm_state_size"),
+    ({"use_conv_bias": "yes"}, "use_conv_bias"),
+    ({"mlp_hidden_act": "gelu"}, "mlp_hidden_act"),
+    ({"layer_norm_epsilon": -1}, "layer_norm_epsilon"),
+    ({"n_routed_experts": 6, "n_group": 4, "hybrid_override_pattern": "E"}, "n_routed_experts"),
+    ({"topk_group": 3, "n_group": 2, "hybrid_override_pattern": "E"}, "topk_group"),
+    ({"num_experts_per_tok": 4, "n_group": 2, "topk_group": 1, "hybrid_override_pattern": "E"},
+     "num_experts_per_tok"),
+    ({"time_step_limit": [0.5, 0.1]}, "time_step_limit"),
+    ({"time_step_limit": "wide"}, "time_step_limit"),
+    ({"model_type": "llama"}, "model_type"),
+    ({"torch_dtype": "float8"}, "torch_dtype"),
+    ({"hybrid_override_pattern": ""}, "hybrid_override_pattern"),
+])
+def test_invalid_values_name_the_field_and_file(patch, field):
+    with pytest.raises(ConfigError) as e:
+        parse_config({**BASE, "hybrid_override_pattern": "M*-", **patch}, "/x/config.json")
+    msg = str(e.value)
+    assert "/x/config.json" in msg and field in msg and "\n" not in msg
+
+
+def test_malformed_json_names_file_and_position(tmp_path):
+    p = tmp_path / "config.json"
+    p.write_text('{"hidden_size": 64,, }')
+    with pytest.raises(ConfigError, match=r"config\.json: malformed JSON at line 1 column"):
+        load_config(tmp_path)
+    p.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="JSON object"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "missing")
+
+
+def test_cli_bad_config_is_one_line_exit_2(tmp_path, capsys):
+    from nemoh.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps({**BASE, "hybrid_override_pattern": "M*Q"}))
+    assert main(["inspect", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "hybrid_override_pattern" in err and "Traceback" not in err
+    (tmp_path / "config.json").write_text("{not json")
+    assert main(["inspect", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nemoh: error:") and "config.json" in err and err.count("\n") == 1
+
+
+# -- property: any valid small config sizes exactly like transformers --------------------------
+
+@st.composite
+def small_configs(draw):
+    G = draw(st.sampled_from([1, 2, 4]))
+    H = G * draw(st.integers(1, 3))
+    KV = draw(st.integers(1, 3))
+    n_group = draw(st.sampled_from([1, 2]))
+    E = n_group * draw(st.integers(2, 4))
+    topk_group = draw(st.integers(1, n_group))
+    pattern = draw(st.text(alphabet="M*-E", min_size=1, max_size=6))
+    raw = {
+        "model_type": "nemotron_h", "vocab_size": draw(st.integers(8, 64)), "hidden_size": draw(st.integers(4, 24)),
+        "mamba_num_heads": H, "mamba_head_dim": draw(st.integers(1, 6)), "n_groups": G,
+        "ssm_state_size": draw(st.integers(1, 8)), "conv_kernel": draw(st.integers(2, 5)),
+        "num_attention_heads": KV * draw(st.integers(1, 3)), "num_key_value_heads": KV,
+        "head_dim": draw(st.integers(2, 10)), "intermediate_size": draw(st.integers(2, 20)),
+        "n_routed_experts": E, "n_group": n_group, "topk_group": topk_group,
+        "num_experts_per_tok": draw(st.integers(1, topk_group * (E // n_group))),
+        "moe_intermediate_size": draw(st.integers(2, 12)),
+        "moe_shared_expert_intermediate_size": draw(st.integers(1, 12)),
+        "moe_latent_size": draw(st.one_of(st.none(), st.integers(2, 10))),
+        "use_conv_bias": draw(st.booleans()), "use_bias": draw(st.booleans()), "mlp_bias": draw(st.booleans()),
+    }
+    if draw(st.booleans()):
+        raw["hybrid_override_pattern"] = pattern
+    else:
+        names = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+        raw["layers_block_type"] = [names[c] for c in pattern]
+    return raw
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(small_configs())
+def test_any_config_sizes_like_transformers(raw):
+    cfg = parse_config(raw)
+    g = build_graph(cfg, "float32")
+    hc, model = hf_meta_model(raw)
+    assert list(cfg.layer_types) == hf_kinds(hc)
+    theirs = {n.removeprefix("model."): tuple(t.shape) for n, t in model.state_dict().items()}
+    assert {t.name: t.shape for t in g.params} == theirs
+    assert g.checkpoint_tensors_total == sum(math.prod(s) for s in theirs.values())
+    assert g.params_total == model.num_parameters()

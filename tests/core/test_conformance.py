@@ -1,0 +1,176 @@
+"""The conformance command: suites pass on the unbroken executor, statuses, exit codes, JSON (against
+its schema), JUnit, HTML (escaped, self-contained), plugin backends, known deviations."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from nemoh.cli import main
+from nemoh.conformance.deviations import DEVIATIONS
+from nemoh.conformance.runner import run_conformance
+from nemoh.model.presets import PRESETS
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMA = json.loads((ROOT / "reports" / "conformance.schema.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def full_report():
+    """Every suite, fp32 and bf16, the deviation probes: the run nox -s conformance does per preset."""
+    return run_conformance("tiny-moe", ["torch"], ["float32", "bfloat16"], progress=False)
+
+
+def test_every_suite_passes_and_the_json_is_valid(full_report):
+    jsonschema.validate(full_report, SCHEMA)
+    assert full_report["summary"]["exit_code"] == 0, [
+        (r["id"], r["message"]) for run in full_report["runs"] for r in run["results"] if r["status"] == "FAIL"]
+    suites = {r["suite"] for run in full_report["runs"] for r in run["results"]}
+    assert suites == {"logits", "prefill-chunks", "decode", "determinism", "weights", "eval-parity", "quant"}
+    for run in full_report["runs"]:
+        for r in run["results"]:
+            if r["suite"] == "quant":  # the torch executor has no quantized weight types: said so, not failed
+                assert r["status"] == "NOT_SUPPORTED" and "no quantized weight types" in r["message"], r["id"]
+                continue
+            assert r["status"] == "OK" and r["metrics"], r["id"]
+            assert all(m["tolerance"] is None or m["ok"] for m in r["metrics"])
+    ids = [r["id"] for r in full_report["runs"][0]["results"]]
+    assert len(ids) == len(set(ids)) and "prefill-chunks(split=1+rest,T=260,B=2)" in ids
+
+
+def test_logits_compares_against_oracle_and_transformers(full_report):
+    labels = {m["label"] for run in full_report["runs"] for r in run["results"] if r["suite"] == "logits"
+              for m in r["metrics"]}
+    assert {"vs oracle", "vs transformers float64", "vs transformers float32", "vs transformers bfloat16"} <= labels
+    names = {m["name"] for run in full_report["runs"] for r in run["results"] if r["suite"] == "logits"
+             for m in r["metrics"]}
+    assert {"logits_max_abs", "logits_rel_max_abs", "logits_nmse", "logits_top1", "logits_kl"} <= names
+    r = next(r for r in full_report["runs"][0]["results"] if r["suite"] == "logits")
+    assert "worst_position" in r["details"]
+
+
+def test_deviations_are_measured_on_the_model(full_report):
+    devs = {d["id"]: d for d in full_report["deviations"]}
+    assert set(devs) == {d.id for d in DEVIATIONS}
+    clamp = devs["hf-dt-clamp-prefill-only"]["measured"]
+    assert 0.05 < clamp["dt_below_min_fraction"] < 0.95  # the preset has dt on both sides of the minimum
+    assert clamp["shipped_vs_corrected_rel_max_abs"] > 1e-3  # and the shipped reference moves because of it
+    assert clamp["shipped_vs_oracle_clamped_rel_max_abs"] < 2e-5  # ... by exactly the clamp
+    assert devs["hf-eager-fp64-padded-nan"]["measured"]["sdpa_nan_at_real_tokens"] is False
+    for d in DEVIATIONS:
+        assert d.evidence.strip() and d.treatment.strip() and d.description.strip()
+
+
+def test_junit_and_html(full_report, tmp_path):
+    from nemoh.conformance.junit import write_junit
+    from nemoh.output import write_html
+
+    write_junit(full_report, tmp_path / "r.xml")
+    root = ET.parse(tmp_path / "r.xml").getroot()
+    cases = root.findall(".//testcase")
+    assert len(cases) == sum(len(run["results"]) for run in full_report["runs"])
+    assert not root.findall(".//failure")
+    write_html(full_report, tmp_path / "r.html", "conformance-html")
+    html = (tmp_path / "r.html").read_text()
+    assert "Backend x suite" in html and "hf-dt-clamp-prefill-only" in html and "dt_below_min_fraction" in html
+    assert "http://" not in html and "https://" not in html and "<script" not in html  # self-contained
+
+
+def test_html_escapes_every_input_string(full_report, tmp_path):
+    from nemoh.reports.conformance_html import render
+
+    evil = "<img src=x onerror=alert(1)>"
+    r = json.loads(json.dumps(full_report))
+    r["model"]["name"] = evil
+    r["runs"][0]["results"][0]["message"] = evil
+    r["runs"][0]["results"][0]["id"] = evil
+    r["deviations"][0]["description"] = evil
+    r["environment"]["command_line"] = [evil]
+    html = render(r)
+    assert evil not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+
+
+def test_failure_report_has_localisation_and_exit_1(tmp_path, capsys):
+    out = tmp_path / "f.json"
+    rc = main(["conformance", "--model", "tiny-dense", "--backend", "broken_backends:GatedNormUngrouped",
+               "--suite", "logits", "--json", str(out), "--html", str(tmp_path / "f.html"),
+               "--junit", str(tmp_path / "f.xml"), "--no-progress"])
+    assert rc == 1
+    text = capsys.readouterr().out
+    assert "FAIL" in text and "first diverging: layer 0 (mamba), op layers.0.mixer.gated_norm" in text
+    report = json.loads(out.read_text())
+    jsonschema.validate(report, SCHEMA)
+    html_text = re.sub(r"<[^>]+>", "", (tmp_path / "f.html").read_text())  # the words, whatever the markup
+    assert "First diverging: layer 0 (mamba)" in html_text
+    assert ET.parse(tmp_path / "f.xml").getroot().findall(".//failure")
+
+
+def test_not_supported_and_plugin_backend(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    r = run_conformance("tiny-dense", ["wrapped_backend:WrappedTorch"], ["float32", "float16"], ["weights"],
+                        progress=False, deviations=False)
+    by_dtype = {run["dtype"]: run for run in r["runs"]}
+    assert by_dtype["float32"]["results"][0]["status"] == "OK"
+    assert by_dtype["float32"]["describe"]["wraps"] == "torch"
+    fp16 = by_dtype["float16"]["results"][0]
+    assert fp16["status"] == "NOT_SUPPORTED" and "runs float64, float32, bfloat16 only, not float16" in fp16["message"]
+    assert r["summary"]["exit_code"] == 0  # NOT_SUPPORTED is not a failure
+
+
+def test_skipped_without_transformers(monkeypatch):
+    import nemoh.conformance.runner as conf
+
+    orig = conf.Reference.__init__
+
+    def no_hf(self, *a, **k):
+        orig(self, *a, **k)
+        self.hf_unavailable = "transformers is not installed (pip install 'nemoh[ref]')"
+
+    monkeypatch.setattr(conf.Reference, "__init__", no_hf)
+    r = run_conformance("tiny-dense", ["torch"], ["float32"], ["logits"], progress=False, deviations=False)
+    st = {x["name"].split(",")[0]: x["status"] for x in r["runs"][0]["results"]}
+    assert st["ref=oracle"] == "OK" and st["ref=hf-float64"] == "SKIPPED"
+
+
+def test_backend_exception_is_a_fail_not_a_crash():
+    r = run_conformance("tiny-dense", ["broken_backends:Explodes"], ["float32"], ["decode"], progress=False,
+                        deviations=False)
+    res = r["runs"][0]["results"][0]
+    assert res["status"] == "FAIL" and "backend raised RuntimeError: kernel exploded" in res["message"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--backend", "trch"], "Did you mean: torch?"),
+    (["--backend", "torch", "--suite", "logit"], "Unknown suite 'logit'. Did you mean: logits?"),
+    (["--backend", "torch", "--dtype", "float8"], "Unknown dtype 'float8'"),
+    (["--backend", "torch", "--json", "/nonexistent-dir/r.json"], "no such directory"),
+])
+def test_usage_errors_exit_2(argv, needle, capsys):
+    assert main(["conformance", "--model", "tiny-dense", *argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1
+
+
+def test_existing_report_survives_a_bad_run(tmp_path):
+    out = tmp_path / "r.json"
+    out.write_text('{"previous": true}')
+    assert main(["conformance", "--model", "nope-preset", "--backend", "torch", "--json", str(out)]) == 2
+    assert out.read_text() == '{"previous": true}'
+
+
+def test_cli_subprocess_table(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "examples")}
+    res = subprocess.run([sys.executable, "-m", "nemoh.cli", "conformance", "--model", "tiny-list", "--backend",
+                          "torch,wrapped_backend:WrappedTorch", "--suite", "weights,determinism", "--no-progress"],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "torch/float32" in res.stdout and "wrapped_backend:WrappedTorch/float32" in res.stdout
+    assert sorted(PRESETS)  # presets exist for nox -s conformance

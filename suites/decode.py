@@ -77,7 +77,8 @@ def scenario(result: Result, ctx):
         first = result.details.get("first_divergence") or 0
         return [(ids, None)] + [(toks[:, i:i + 1], None) for i in range(first)]
     ids = ctx.prompt(B, p["T"], result.case.seed)
-    return [(ids[:, :p["P"]], None)] + [(ids[:, t:t + 1], None) for t in range(p["P"], p["T"])]
+    return {"prefill then decode": [(ids[:, :p["P"]], None)] + [(ids[:, t:t + 1], None) for t in range(p["P"], p["T"])],
+            "one-shot": [(ids, None)]}  # the bug may be on either side
 
 
 SUITE = Suite("decode", __doc__, cases, run, scenario, order=30)

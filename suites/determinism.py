@@ -73,8 +73,12 @@ def scenario(result: Result, ctx):
         return [(ids[:, :T // 2], None), (ids[:, T // 2:], None)]
     ids, mask, nxt = padded_batch(ctx, result.case)
     T = ids.shape[1]
-    return [(ids[:, :T // 2], mask[:, :T // 2]), (ids[:, T // 2:], mask[:, T // 2:])] + \
+    batch = [(ids[:, :T // 2], mask[:, :T // 2]), (ids[:, T // 2:], mask[:, T // 2:])] + \
         [(nxt[:, t:t + 1], None) for t in range(3)]
+    b = len(result.case.p["lengths"]) - 1  # the most padded row, alone: the other side of the comparison
+    n = result.case.p["lengths"][b]
+    alone = [(ids[b:b + 1, T - n:], None)] + [(nxt[b:b + 1, t:t + 1], None) for t in range(3)]
+    return {"left-padded batch": batch, f"row {b} alone": alone}
 
 
 SUITE = Suite("determinism", __doc__, cases, run, scenario, order=40)

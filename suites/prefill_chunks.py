@@ -144,7 +144,9 @@ def scenario(result: Result, ctx):
     split = result.details.get("minimal_failing_split") or result.details.get("split")
     T = result.case.p["T"]
     ids = ctx.prompt(B, T, 1000 + T)
-    return _chunks(ids, split) if split else [(ids, None)]
+    if not split:
+        return [(ids, None)]
+    return {f"split {list(split)}": _chunks(ids, split), "one-shot": [(ids, None)]}  # the bug may be on either
 
 
 def _chunks(ids, split):

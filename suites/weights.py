@@ -38,8 +38,11 @@ def run(case: Case, ctx) -> Result:
             ref = transform(name, ck.read(name)).to(t.dtype)
             if ref.shape != t.shape or not torch.equal(bit_pattern(ref), bit_pattern(t.detach().cpu())):
                 bad.append(name)
-    return judge(case, [Metric("mismatched_tensors", float(len(bad)), 0.0, label=f"of {len(loaded)}")],
-                 details={"mismatched": bad[:50]})
+    res = judge(case, [Metric("mismatched_tensors", float(len(bad)), 0.0, label=f"of {len(loaded)}")],
+                details={"mismatched": bad[:50]})
+    if bad:  # the names, where the user looks first (the console and the report's failure list)
+        res.message += ": " + ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    return res
 
 
 SUITE = Suite("weights", __doc__, cases, run, order=50)

@@ -217,5 +217,7 @@ class Suite:
     doc: str
     cases: Callable[[Any], list[Case]]  # (ctx) -> cases
     run: Callable[[Case, Any], Result]  # (case, ctx) -> result
-    scenario: Callable[[Result, Any], list[tuple[Any, Any]]] | None = None  # (result, ctx) -> forwards
+    # (result, ctx) -> the forward calls to replay, or {side: forwards} for an equivalence case, whose
+    # bug may be on either side (localisation replays each until it finds where the divergence starts)
+    scenario: Callable[[Result, Any], list[tuple[Any, Any]] | dict[str, list[tuple[Any, Any]]]] | None = None
     order: int = 100  # where it stands in reports: cheap, fundamental suites first

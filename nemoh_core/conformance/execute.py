@@ -116,8 +116,23 @@ def execute_case(suite: Suite, case: Case, ctx: Ctx) -> Result:
 
 
 def localise_case(suite: Suite, res: Result, ctx: Ctx) -> dict[str, Any]:
+    """Localise a FAIL on every side its scenario names (an equivalence case has two: the bug may be on
+    either), and report the first side where a layer leaves tolerance or NaN/inf appears."""
     try:
-        return localise(ctx, suite.scenario(res, ctx))
+        sides = suite.scenario(res, ctx)
+        sides = sides if isinstance(sides, dict) else {"": sides}
+        loc: dict[str, Any] = {}
+        for name, forwards in sides.items():
+            loc = localise(ctx, forwards)
+            if name:
+                loc["side"], loc["sides_checked"] = name, list(sides)[:list(sides).index(name) + 1]
+            if loc.get("found") or loc.get("non_finite") or not loc.get("available"):
+                return loc
+        if len(sides) > 1:
+            loc["message"] = (f"every layer is within tolerance when checked in isolation, on each side "
+                              f"({', '.join(sides)}); the error is in the embedding or the head, or builds up "
+                              "from within-tolerance differences")
+        return loc
     except Exception as e:
         return {"available": False, "reason": f"localisation itself failed: {type(e).__name__}: {e}"}
 

@@ -14,6 +14,7 @@ import torch
 
 from nemoh import oracle
 from nemoh.conformance.tolerances import tol
+from nemoh.runtime.backend import capability
 
 
 def _sq(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -51,6 +52,14 @@ def localise(ctx, forwards: list[tuple[torch.Tensor, torch.Tensor | None]]) -> d
     worst_call: dict[str, tuple[float, int]] = {}
     first_bad: dict[str, int] = {}  # name -> first call where its own error left tolerance
     op_meta: dict[str, tuple[int, str, str]] = {}  # op name -> (layer index, layer kind, op kind)
+    non_finite: dict[str, Any] | None = None  # where NaN/inf first appears in the executor's own outputs
+
+    def scan(name: str, t: torch.Tensor, layer, call: int) -> None:
+        nonlocal non_finite
+        if non_finite is None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            what = "NaN" if bool(torch.isnan(t).any()) else "inf"
+            non_finite = {"what": what, "call": call, "op": name, "layer": layer.index if layer else None,
+                          "kind": layer.kind if layer else None}
 
     def add(name: str, a: torch.Tensor, b: torch.Tensor, call: int) -> None:
         num, den = _sq(a, b)
@@ -71,10 +80,13 @@ def localise(ctx, forwards: list[tuple[torch.Tensor, torch.Tensor | None]]) -> d
         m = torch.ones_like(ids, dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool()
         key_mask = m if st_o.mask is None else torch.cat([st_o.mask.bool(), m], dim=1)
         x = tr["embeddings"]
+        scan("embeddings", _at_real(x, m), None, call)
         for layer in g64.layers:
             ot: dict[str, torch.Tensor] = {}
             oracle.run_block(layer, {"x": x.double()}, params, st_o, m, key_mask, trace=ot)
             for op in layer.ops:
+                if op.name in tr:
+                    scan(op.name, _at_real(tr[op.name], m), layer, call)
                 if op.name in tr and op.name in ot:
                     a, b = _at_real(tr[op.name], m), _at_real(ot[op.name], m)
                     if a.shape == b.shape:
@@ -82,6 +94,9 @@ def localise(ctx, forwards: list[tuple[torch.Tensor, torch.Tensor | None]]) -> d
                         add(op.name, a, b, call)
             x = tr[f"layers.{layer.index}"]
         st_o.mask = key_mask
+        if non_finite is None and capability(be, "state_export", ctx.dtype).ok:  # carried state, too
+            for name, t in be.export_state(st_b).items():
+                scan(f"{name} (carried state)", t, None, call)
 
     layers = []
     for layer in g64.layers:
@@ -93,6 +108,10 @@ def localise(ctx, forwards: list[tuple[torch.Tensor, torch.Tensor | None]]) -> d
     culprit = next((l for l in layers if not l["error"] <= t_layer), None)  # NaN fails too
     out: dict[str, Any] = {"available": True, "found": culprit is not None, "calls": len(forwards),
                            "tolerance": t_layer, "metric": "layer_rel_rms", "layers": layers}
+    if non_finite is not None:
+        nf = non_finite
+        at = f"layer {nf['layer']} ({nf['kind']}), op {nf['op']}" if nf["layer"] is not None else nf["op"]
+        out["non_finite"] = {**nf, "message": f"{nf['what']} first produced by {at}, in forward call {nf['call'] + 1}"}
     if culprit is None:
         out["message"] = ("every layer is within tolerance when checked in isolation; the error is in the "
                           "embedding or the head, or builds up from within-tolerance differences")

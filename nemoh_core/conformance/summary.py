@@ -49,10 +49,11 @@ def cells(report: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
 
 def _where(x: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
     loc = x.get("localisation") or {}
-    if loc.get("found"):
-        return f"layer {loc['layer']} ({loc['kind']}), op {loc['op']}", loc
     if loc.get("non_finite"):
-        return f"non-finite values first at {loc.get('first_non_finite', 'an unknown place')}", loc
+        return loc["non_finite"]["message"], loc
+    if loc.get("found"):
+        side = f" (on the {loc['side']} side)" if loc.get("side") else ""
+        return f"layer {loc['layer']} ({loc['kind']}), op {loc['op']}{side}", loc
     if loc.get("available") and loc.get("message"):
         return "every layer within tolerance in isolation: embedding, head, or accumulated error", loc
     source = (x.get("details") or {}).get("error_source")

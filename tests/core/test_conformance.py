@@ -13,7 +13,9 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import torch
 
+from nemoh.backends.torch_backend import TorchBackend
 from nemoh.cli import main
 from nemoh.conformance.deviations import DEVIATIONS
 from nemoh.conformance.runner import run_conformance
@@ -174,3 +176,57 @@ def test_cli_subprocess_table(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "torch/float32" in res.stdout and "wrapped_backend:WrappedTorch/float32" in res.stdout
     assert sorted(PRESETS)  # presets exist for nox -s conformance
+
+
+class FlipsOneBit(TorchBackend):
+    """Holds dt_bias of layer 0 with one bit flipped: a loader that corrupts one tensor."""
+
+    def load(self, graph, checkpoint, *, device=None):
+        super().load(graph, checkpoint, device=device)
+        self.p["layers.0.mixer.dt_bias"].view(torch.int32)[0] ^= 1
+
+
+def test_a_weights_failure_names_the_tensors_on_the_console(capsys):
+    from nemoh.cli import main
+
+    rc = main(["conformance", "--model", "tiny-dense", "--backend", "test_conformance:FlipsOneBit",
+               "--suite", "weights", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "mismatched_tensors=1 > 0: layers.0.mixer.dt_bias" in out
+
+
+class NaNInGatedNorm(TorchBackend):
+    """The gated norm of every Mamba layer returns NaN: an overflow or a 0/0 in a real kernel."""
+
+    def _gated_norm(self, y, z, w, group_size, eps):
+        return super()._gated_norm(y, z, w, group_size, eps) * float("nan")
+
+
+def test_non_finite_values_are_named_with_the_first_layer_and_op():
+    r = run_conformance("tiny-dense", ["test_conformance:NaNInGatedNorm"], ["float32"], ["logits"], progress=False,
+                        deviations=False)
+    fails = [x for x in r["runs"][0]["results"] if x["status"] == "FAIL"]
+    nf = fails[0]["localisation"]["non_finite"]
+    assert nf["what"] == "NaN" and nf["op"] == "layers.0.mixer.gated_norm" and nf["layer"] == 0 and nf["call"] == 0
+    where = r["summary"]["failure_groups"][0]["where"]
+    assert where == "NaN first produced by layer 0 (mamba), op layers.0.mixer.gated_norm, in forward call 1"
+
+
+class LongPrefillOnly(TorchBackend):
+    """Wrong only on prefills of 200+ tokens (say, a kernel's second tiling path): the one-shot side of a
+    chunked-prefill comparison is the broken one, and the chunks are all fine."""
+
+    def _ssd(self, x, dt, A, B, C, D, s0, chunk):
+        y, s = super()._ssd(x, dt, A, B, C, D, s0, chunk)
+        return (y * 1.5, s) if x.shape[1] >= 200 else (y, s)
+
+
+def test_localisation_replays_both_sides_of_an_equivalence():
+    r = run_conformance("tiny-dense", ["test_conformance:LongPrefillOnly"], ["float32"], ["prefill-chunks"],
+                        progress=False, deviations=False)
+    fails = {x["name"]: x for x in r["runs"][0]["results"] if x["status"] == "FAIL"}
+    short_chunks = [x for x in fails.values() if all(c < 200 for c in x["details"].get("split", [999]))]
+    assert short_chunks, sorted(fails)
+    loc = short_chunks[0]["localisation"]
+    assert loc["found"] and loc["side"] == "one-shot" and loc["op"] == "layers.0.mixer.ssd", loc.get("message")
+    assert loc["sides_checked"][-1] == "one-shot" and loc["sides_checked"][0].startswith("split")

@@ -1199,6 +1199,10 @@ class CupyEmulatedBackend(CupyBackend):
         if self.schedules not in (1, 2):
             raise NemohError(f"cupy-emulated backend: schedules must be 1 or 2, got {self.schedules}")
 
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "timings": f"of the CPU emulator ({self.schedules} schedule(s) per launch), "
+                                                 "not of a GPU: never a speed claim"}
+
     def available(self) -> Support:
         import shutil
 

@@ -34,6 +34,7 @@ def _gate_text(gt: dict[str, Any]) -> str:
 
 def format_report(result: dict[str, Any]) -> str:
     m, dev = result["model"], result["device"]
+    nw = max([10, *(len(e["name"]) + 1 for e in result["backends"])])  # the backend column fits every name
     c = result["ceilings"]
     lines = [f"nemoh-bench  {m['name']} ({m['pattern']}, {m['params_total'] / 1e6:.1f}M params, "
              f"{m['params_active_per_token'] / 1e6:.1f}M active/token)  dtype={m['dtype']}  "
@@ -42,7 +43,7 @@ def format_report(result: dict[str, Any]) -> str:
              f"matmul {display.si(c['matmul_rate']['p50'], 'FLOP/s')} ({c['matmul_rate']['dtype']})"
              + (f"  datasheet: {dev['datasheet_key']}" if c.get("datasheet") else "  datasheet: none for this device"),
              ""]
-    hdr = (f"{'prefill':<9}{'T':>6}  {'backend':<10}{'gate':<13}{'TTFT p50':>10}{'p90':>9}{'p99':>9}{'spread':>8}"
+    hdr = (f"{'prefill':<9}{'T':>6}  {'backend':<{nw}}{'gate':<13}{'TTFT p50':>10}{'p90':>9}{'p99':>9}{'spread':>8}"
            f"{'tok/s':>10}{'FLOP/s':>13}{'of probe':>9}{'x ref':>7}")
     lines.append(hdr + "   (times in ms)")
     for i, T in enumerate(result["settings"]["prompt_lengths"]):
@@ -51,13 +52,13 @@ def format_report(result: dict[str, Any]) -> str:
                 continue
             w = e["prefill"][i]
             t = w["ttft_seconds"]
-            lines.append(f"{'':<9}{T:>6}  {e['name']:<10}{_gate_text(w['gate']):<13}{display.ms(t['p50']):>10}"
+            lines.append(f"{'':<9}{T:>6}  {e['name']:<{nw}}{_gate_text(w['gate']):<13}{display.ms(t['p50']):>10}"
                          f"{display.ms(t['p90']):>9}{display.ms(t['p99']):>9}{display.pct(t['spread']):>8}"
                          f"{w['tokens_per_second']['p50']:>10.1f}{display.si(w['limits']['achieved_flops'], ''):>13}"
                          f"{display.pct(w['limits']['flops_fraction_of_probe']):>9}"
                          f"{display.ratio(w['ratio_to_reference']):>7}")
     lines.append("")
-    lines.append(f"{'decode':<9}{'S':>6}  {'backend':<10}{'gate':<13}{'TPOT p50':>10}{'p90':>9}{'p99':>9}"
+    lines.append(f"{'decode':<9}{'S':>6}  {'backend':<{nw}}{'gate':<13}{'TPOT p50':>10}{'p90':>9}{'p99':>9}"
                  f"{'spread':>8}{'tok/s':>10}{'B/s':>13}{'of probe':>9}{'x ref':>7}")
     for i, S in enumerate(result["settings"]["context_depths"]):
         for e in result["backends"]:
@@ -65,7 +66,7 @@ def format_report(result: dict[str, Any]) -> str:
                 continue
             w = e["decode"][i]
             t = w["tpot_seconds"]
-            lines.append(f"{'':<9}{S:>6}  {e['name']:<10}{_gate_text(w['gate']):<13}{display.ms(t['p50']):>10}"
+            lines.append(f"{'':<9}{S:>6}  {e['name']:<{nw}}{_gate_text(w['gate']):<13}{display.ms(t['p50']):>10}"
                          f"{display.ms(t['p90']):>9}{display.ms(t['p99']):>9}{display.pct(t['spread']):>8}"
                          f"{w['tokens_per_second']['p50']:>10.1f}"
                          f"{display.si(w['limits']['achieved_bandwidth_Bps'], ''):>13}"
@@ -76,7 +77,7 @@ def format_report(result: dict[str, Any]) -> str:
         mem = e.get("memory") or {}
         peaks = [w["peak_memory_bytes"] for p in ("prefill", "decode") for w in e[p]
                  if w["peak_memory_bytes"] is not None]
-        lines.append(f"{e['name']:<10} {e['status']:<13} weights {display.si(mem.get('weights_bytes'), 'B'):>10}  "
+        lines.append(f"{e['name']:<{nw}} {e['status']:<13} weights {display.si(mem.get('weights_bytes'), 'B'):>10}  "
                      f"peak {display.si(max(peaks) if peaks else None, 'B'):>10}"
                      + (f"  error: {e['error']}" if e.get("error") else ""))
     env = result["environment"]
@@ -84,7 +85,11 @@ def format_report(result: dict[str, Any]) -> str:
     lb = " ".join(f"{x:.2f}" for x in env["loadavg_end"] or [])
     fo = env.get("cpu_foreign_fraction")
     lines.append(f"load average {la} -> {lb}; CPU used by other processes during the run: "
-                 f"{'-' if fo is None else f'{100 * fo:.0f}%'}; x ref = reference p50 / p50 (same run)")
+                 f"{'-' if fo is None else f'{100 * fo:.0f}%'}; x ref = tok/s p50 / the reference's tok/s p50 "
+                 "(same run)")
+    for e in result["backends"]:
+        if (e.get("describe") or {}).get("timings"):
+            lines.append(f"{e['name']}: timings are {e['describe']['timings']}")
     return "\n".join(lines)
 
 

@@ -496,3 +496,16 @@ def test_portable_fiber_switch():
         uc.launch("rotate_nosync", (1,), (128,), 0, [np.arange(128, dtype=np.float32), np.zeros(128, np.float32)])
     with pytest.raises(cuda_emu.EmulatorError, match="reached by 64 of 128 threads"):
         uc.launch("early_exit_barrier", (1,), (128,), 0, [np.zeros(128, np.float32)])
+
+
+def test_nemoh_bench_runs_it_and_labels_its_timings_as_the_emulators():
+    from nemoh.bench.cli import format_report
+    from nemoh.bench.plan import Settings
+    from nemoh.bench.run import run_bench
+
+    res = run_bench(Settings(model="tiny-moe", backends=["cupy-emulated"], prompt_lengths=[8], context_depths=[8],
+                             decode_tokens=1, repeats=1, warmup=0, reference="none", progress=False,
+                             probe_copy_bytes=1 << 20, probe_matmul_n=64))
+    (entry,) = res["backends"]
+    assert entry["status"] == "UNCHECKED" and entry["prefill"][0]["ttft_seconds"]["n"] == 1
+    assert "cupy-emulated: timings are of the CPU emulator" in format_report(res)

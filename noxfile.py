@@ -84,7 +84,8 @@ def cupy_emulated(session: nox.Session) -> None:
     (float32, bfloat16) through every suite, into artifacts/cupy-emulated/. Timings are the emulator's."""
     install(session)
     session.run("pytest", "-q", "-p", "no:cacheprovider", "-m", "slow or not slow",
-                "tests/backends/test_cupy_emulated.py", "tests/backends/test_cupy_limits.py")
+                "tests/backends/test_cupy_emulated.py", "tests/backends/test_cupy_limits.py",
+                env={"NEMOH_EMU_SCHEDULES": "2"})  # the kernel checks always compare two schedules
     out = Path("artifacts/cupy-emulated")
     out.mkdir(parents=True, exist_ok=True)
     presets = session.run("python", "-c", "from nemoh.model.presets import PRESETS; print(' '.join(PRESETS))",

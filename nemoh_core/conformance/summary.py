@@ -20,7 +20,8 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NOTHING_CHECKED, EXIT_ABORTED = 0, 1, 2, 3,
 STATUSES = ("OK", "FAIL", "NOT_SUPPORTED", "SKIPPED")
 
 
-def badness(metric: dict[str, Any]) -> float:
+def stored_badness(metric: dict[str, Any]) -> float:
+    """The badness the case computed (nemoh.conformance.case.badness), read back from the JSON."""
     b = metric.get("badness")
     return float("inf") if b is None else b  # null in the JSON: NaN, or past a zero tolerance
 
@@ -39,7 +40,7 @@ def cells(report: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
             c["cases"] += 1
             w = x.get("worst_metric")
             if w and w.get("tolerance") is not None and (c["worst_metric"] is None
-                                                        or badness(w) > badness(c["worst_metric"])):
+                                                        or stored_badness(w) > stored_badness(c["worst_metric"])):
                 c["worst_metric"] = {**w, "case": x["id"]}
         for c in col.values():
             n = c["counts"]

@@ -24,6 +24,12 @@ def install(session: nox.Session, extras: str = "test") -> None:
     session.install("-e", f".[{extras}]")
 
 
+def preset_names(session: nox.Session) -> list[str]:
+    """Every preset: the hand-made tiny ones, then those made from the released configs."""
+    return session.run("python", "-c", "from nemoh.model.presets import all_presets; print(' '.join(all_presets()))",
+                       silent=True).split()
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """The default test run (the README's test command)."""
@@ -33,7 +39,8 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def conformance(session: nox.Session) -> None:
-    """Every preset x every registered backend x (float32, bfloat16), into artifacts/conformance/.
+    """Every preset (the hand-made ones and those made from released configs) x every registered backend x
+    (float32, bfloat16), into artifacts/conformance/.
 
     Per preset: PRESET.json (schema reports/conformance.schema.json), PRESET.html and PRESET.junit.xml.
     A backend that cannot run here (cupy without CUDA, onnx at bf16 on the CPU) reports NOT_SUPPORTED
@@ -42,8 +49,7 @@ def conformance(session: nox.Session) -> None:
     install(session)
     out = Path("artifacts/conformance")
     out.mkdir(parents=True, exist_ok=True)
-    presets = session.run("python", "-c", "from nemoh.model.presets import PRESETS; print(' '.join(PRESETS))",
-                          silent=True).split()
+    presets = preset_names(session)
     registered = session.run("python", "-c", "from nemoh.runtime.registry import available_backends as a; "
                              "print(' '.join(sorted(a())))", silent=True).split()
     backends = ",".join(b for b in registered if not b.startswith(OWN_SESSION))
@@ -80,17 +86,16 @@ def eval_(session: nox.Session) -> None:
 @nox.session(name="cupy-emulated")
 def cupy_emulated(session: nox.Session) -> None:
     """The CuPy executor on the CPU: its CUDA kernels compiled by g++ and run by the emulator
-    (backends/cuda_emu.py), every kernel check including the slow ones, then every preset x
-    (float32, bfloat16) through every suite, into artifacts/cupy-emulated/. Timings are the emulator's."""
+    (backends/cuda_emu.py), every kernel check including the slow ones, then every preset (those made from
+    released configs too) x (float32, bfloat16) through every suite, into artifacts/cupy-emulated/.
+    `nox -s cupy-emulated -- PRESET...` narrows the presets. Timings are the emulator's."""
     install(session)
     session.run("pytest", "-q", "-p", "no:cacheprovider", "-m", "slow or not slow",
                 "tests/backends/test_cupy_emulated.py", "tests/backends/test_cupy_limits.py",
                 env={"NEMOH_EMU_SCHEDULES": "2"})  # the kernel checks always compare two schedules
     out = Path("artifacts/cupy-emulated")
     out.mkdir(parents=True, exist_ok=True)
-    presets = session.run("python", "-c", "from nemoh.model.presets import PRESETS; print(' '.join(PRESETS))",
-                          silent=True).split()
-    for preset in session.posargs or presets:
+    for preset in session.posargs or preset_names(session):
         session.run("nemoh", "conformance", "--model", preset, "--backend", "cupy-emulated",
                     "--dtype", "float32,bfloat16", "--json", str(out / f"{preset}.json"),
                     "--html", str(out / f"{preset}.html"), "--no-progress")
@@ -99,20 +104,22 @@ def cupy_emulated(session: nox.Session) -> None:
 @nox.session
 def llamacpp(session: nox.Session) -> None:
     """llama.cpp's own Nemotron-H port under test, through llama-cpp-python built from source for the CPU
-    (its build dominates: see docs/llamacpp.md), then its tests and the conformance of tiny-moe at F32
-    and at Q8_0 and Q4_K_M with the quant suite, into artifacts/llamacpp/. `--isolate` on purpose: a
-    GGML_ASSERT in llama.cpp must fail its case, not end the run."""
+    (its build dominates: see docs/llamacpp.md), then its tests and the conformance of tiny-moe (or the
+    presets given: `nox -s llamacpp -- tiny-nano-30b tiny-8b`) at F32 and at Q8_0 and Q4_K_M with the
+    quant suite, into artifacts/llamacpp/. `--isolate` on purpose: a GGML_ASSERT in llama.cpp must fail
+    its case, not end the run. A FAIL found in llama.cpp is a result: it does not fail the session."""
     session.install(TORCH)
     session.install("-e", ".[test,llamacpp]", env={
         "CMAKE_ARGS": "-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF",
         "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)})
-    session.run("pytest", "-q", "-p", "no:cacheprovider", "tests/backends/test_llamacpp.py", *session.posargs)
+    session.run("pytest", "-q", "-p", "no:cacheprovider", "tests/backends/test_llamacpp.py")
     out = Path("artifacts/llamacpp")
     out.mkdir(parents=True, exist_ok=True)
-    for backend in ("llamacpp", "llamacpp-q8_0", "llamacpp-q4_k_m"):
-        session.run("nemoh", "conformance", "--model", "tiny-moe", "--backend", backend, "--dtype", "float32",
-                    "--isolate", "--json", str(out / f"tiny-moe.{backend}.json"),
-                    "--html", str(out / f"tiny-moe.{backend}.html"), "--no-progress", success_codes=[0, 1])
+    for preset in session.posargs or ["tiny-moe"]:
+        for backend in ("llamacpp", "llamacpp-q8_0", "llamacpp-q4_k_m"):
+            session.run("nemoh", "conformance", "--model", preset, "--backend", backend, "--dtype", "float32",
+                        "--isolate", "--json", str(out / f"{preset}.{backend}.json"),
+                        "--html", str(out / f"{preset}.{backend}.html"), "--no-progress", success_codes=[0, 1])
 
 
 @nox.session

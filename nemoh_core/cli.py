@@ -17,13 +17,13 @@ from nemoh.errors import NemohError, did_you_mean, one_line
 def _config_for(model: str):
     """The ModelConfig of a checkpoint directory, a config.json, or a preset (no weights needed)."""
     from nemoh.model.config import load_config, parse_config
-    from nemoh.model.presets import PRESETS
+    from nemoh.model.presets import all_presets
 
     p = Path(model)
     if p.exists():
         return load_config(p)
-    if model in PRESETS:
-        return parse_config(PRESETS[model].config, f"preset {model}")
+    if model in all_presets():
+        return parse_config(all_presets()[model].config, f"preset {model}")
     from nemoh.model.presets import resolve_model
 
     return load_config(resolve_model(model))  # raises the did-you-mean error
@@ -97,9 +97,9 @@ def cmd_make_model(args: argparse.Namespace) -> int:
 def cmd_presets(args: argparse.Namespace) -> int:
     from nemoh.model.config import parse_config
     from nemoh.model.ir import build_graph
-    from nemoh.model.presets import PRESETS
+    from nemoh.model.presets import all_presets
 
-    for name, p in PRESETS.items():
+    for name, p in all_presets().items():
         g = build_graph(parse_config(p.config, name), "float32")
         print(f"{name:<18} {g.config.pattern:<12} {g.params_total:>10,} params  {p.description}")
     return 0

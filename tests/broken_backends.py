@@ -152,3 +152,20 @@ class Explodes(TorchBackend):
         if ids.shape[1] == 1:
             raise RuntimeError("kernel exploded")
         return super().forward(state, ids, mask, last_only=last_only, trace=trace)
+
+
+def aborting_llamacpp():
+    """llama.cpp whose worker abort()s, as a GGML_ASSERT does, in its third forward: that case must FAIL
+    with the abort's message, and the cases after it run on a fresh worker."""
+    from nemoh.backends.llamacpp_backend import LlamaCppBackend
+
+    class AbortingLlamaCpp(LlamaCppBackend):
+        forwards = 0
+
+        def forward(self, state, ids, mask=None, *, last_only=False, trace=None):
+            AbortingLlamaCpp.forwards += 1
+            if AbortingLlamaCpp.forwards == 3:
+                self.crash_for_test()
+            return super().forward(state, ids, mask, last_only=last_only, trace=trace)
+
+    return AbortingLlamaCpp()

@@ -8,9 +8,11 @@ On the CPU the clock is `time.perf_counter()` read after the forward has returne
 
 Memory. CUDA: `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats` (torch's caching
 allocator only: memory a backend allocates outside torch is not seen, and the result says so).
-CPU: the process's peak resident set (VmHWM in /proc/self/status). It is process-wide and only
-grows, so before each measured phase the peak is reset to the current RSS (Linux's
-/proc/self/clear_refs "5") and the phase reports its peak *above the RSS it started from*. Where
+CPU: the peak resident set (VmHWM in /proc/PID/status) of this process and every process it started
+(a backend may run out of process, as llama.cpp's worker does: its memory counts too), summed over the
+tree (a sum of peaks: an upper bound on the tree's peak when they peak at different times). VmHWM only
+grows, so before each measured phase the peaks are reset to the current RSS (Linux's
+/proc/PID/clear_refs "5") and the phase reports its peak *above the RSS it started from*. Where
 that reset is not permitted, a phase's peak is known only when VmHWM rose during it (the new value
 is then the phase's peak); otherwise it is reported as unknown (null), never as zero.
 """
@@ -193,15 +195,42 @@ class Clock:
 # ----------------------------------------------------------------------------------------------
 # Memory meters
 
-def _status_kib(key: str) -> int | None:
+def _status_kib(key: str, pid: int | str = "self") -> int | None:
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
+
+
+def _process_tree() -> list[int]:
+    """This process and its descendants (from /proc/PID/task/TID/children), parents first."""
+    pids, todo = [], [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+            except OSError:
+                pass
+    return pids
+
+
+def _tree_kib(key: str) -> int | None:
+    """`key` (VmRSS, VmHWM) summed over this process and its descendants; None if this process's is unknown."""
+    own = _status_kib(key)
+    if own is None:
+        return None
+    return own + sum(_status_kib(key, pid) or 0 for pid in _process_tree()[1:])
 
 
 def release_memory() -> None:
@@ -226,23 +255,30 @@ class MemoryMeter:
             self.resettable = True
         else:
             self.resettable = self._try_reset()
-            self.method = ("process RSS: VmHWM reset through /proc/self/clear_refs at each phase start"
-                           if self.resettable else "process RSS: VmHWM, monotonic (a phase's peak is known only "
-                           "when it exceeds every earlier one, else null)")
+            self.method = ("RSS of the process and its children (out-of-process backends): VmHWM summed, reset "
+                           "through /proc/PID/clear_refs at each phase start"
+                           if self.resettable else "RSS of the process and its children: VmHWM summed, monotonic "
+                           "(a phase's peak is known only when it exceeds every earlier one, else null)")
 
     @staticmethod
     def _try_reset() -> bool:
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
-            return _status_kib("VmHWM") is not None
         except OSError:
             return False
+        for pid in _process_tree()[1:]:
+            try:
+                with open(f"/proc/{pid}/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass  # a child that exited meanwhile
+        return _status_kib("VmHWM") is not None
 
     def current(self) -> int:
         if self.device.type == "cuda":
             return int(torch.cuda.memory_allocated(self.device))
-        return _status_kib("VmRSS") or 0
+        return _tree_kib("VmRSS") or 0
 
     def start(self) -> tuple[int, int]:
         """Begin a phase: (current level, peak so far), to hand to `peak_since`."""
@@ -256,7 +292,7 @@ class MemoryMeter:
     def _peak_abs(self) -> int:
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
-        return _status_kib("VmHWM") or 0
+        return _tree_kib("VmHWM") or 0
 
     def peak_since(self, phase: tuple[int, int], baseline: int | None = None) -> int | None:
         """Peak since `phase` began, above `baseline` (default: the level the phase began at).

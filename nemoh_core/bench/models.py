@@ -220,7 +220,13 @@ class BackendRunner:
         session.restore(snap)
         return session
 
-    def state_bytes(self, session) -> int:
+    def state_bytes(self, session) -> int | None:
+        """Bytes of the exported state; None for a backend that cannot export it (llama.cpp keeps its
+        state inside: its memory shows in peak_memory_bytes only)."""
+        from nemoh.runtime.backend import capability
+
+        if not capability(self.model.backend, "state_export", self.model.graph.dtype).ok:
+            return None
         exported = self.model.backend.export_state(session.state)
         return sum(t.numel() * t.element_size() for k, t in exported.items() if k != "mask")
 

@@ -103,15 +103,16 @@ def resolve_target(model: str, dtype: str | None) -> Target:
         config = bench_preset_config(model)
         return Target(model, "bench-preset", config, build_graph(config, dtype or config.torch_dtype),
                       preset=BENCH_PRESETS[model])
-    from nemoh.model.presets import PRESETS, resolve_model
+    from nemoh.model.presets import all_presets, resolve_model
 
+    presets = all_presets()
     p = Path(model).expanduser()
-    if not (p.exists() or model in PRESETS):
-        raise NemohError(did_you_mean("model or preset", model, [*PRESETS, *BENCH_PRESETS])
+    if not (p.exists() or model in presets):
+        raise NemohError(did_you_mean("model or preset", model, [*presets, *BENCH_PRESETS])
                          + f" ('{model}' is neither a checkpoint directory nor a preset name.)")
     path = resolve_model(model)
     config = load_config(path)
-    source = f"nemoh tiny preset {model} (generated checkpoint {path.name})" if model in PRESETS else str(path)
+    source = f"nemoh tiny preset {model} (generated checkpoint {path.name})" if model in presets else str(path)
     return Target(model, "checkpoint", config, build_graph(config, dtype or config.torch_dtype), path=path,
                   source=source)
 

@@ -159,7 +159,8 @@ def run_bench(s: Settings, argv: list[str] | None = None) -> dict[str, Any]:
         "ir": [{"context": c, "bytes": state_bytes(g, s.batch, c)} for c in curve],
         "measured": [{"backend": e["name"], "context": w.get("prompt_length", w.get("context_depth")),
                       "bytes": w["state_bytes_measured"]}
-                     for e in entries for part in ("prefill", "decode") for w in e[part]],
+                     for e in entries for part in ("prefill", "decode") for w in e[part]
+                     if w["state_bytes_measured"] is not None],
     }
     settings = {k: v for k, v in asdict(s).items() if k not in ("progress",)}
     # resolved values, never null: what actually ran

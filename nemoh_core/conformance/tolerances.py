@@ -52,8 +52,11 @@ TOLERANCES: dict[tuple[str, str], Tol] = {
     ("logits_top1", "float64"): Tol(1.0, "exact arithmetic up to 1e-15: every argmax agrees"),
     ("logits_top1", "float32"): Tol(0.999, "only exact near-ties may flip; measured 1.000 on every preset"),
     ("logits_top1", "bfloat16"): Tol(
-        0.90, "bf16 keeps 8 mantissa bits; one rounding-induced expert flip moves a token's logits by O(1); "
-              "measured 0.933-0.987 vs the fp64 oracle"),
+        0.85, "bf16 keeps 8 mantissa bits; one rounding-induced expert flip moves a token's logits by O(1), and "
+              "flips grow with the expert count: measured 0.933-0.987 vs the fp64 oracle on the hand-made presets "
+              "(8-16 experts) but 0.891-0.929 on tiny-nano-30b (128 experts, top-6), where transformers' own bf16 "
+              "gives 0.902 and llama.cpp's 0.857-0.884 (T=7: 12 of 14 positions). At this floor the router bias "
+              "rounded to bf16 (0.857-0.906 on tiny-moe) is not caught at bf16: the fp32 run catches it"),
     ("logits_top1", "float16"): Tol(0.97, "fp16 keeps 11 mantissa bits; measured 0.990-0.997 vs the fp64 oracle"),
     # -- the same executor run two ways (chunked / decoded / batched vs one-shot) -----------------
     ("equiv_rel_max_abs", "float64"): Tol(1e-12, "fp64 rounding only; measured <= 5.1e-15 (logits and state)"),
@@ -88,7 +91,8 @@ TOLERANCES: dict[tuple[str, str], Tol] = {
     ("quant_kl", "Q6_K"): Tol(0.3, "as Q8_0: llama.cpp writes the same Q8_0 tensors on the tiny presets"),
     ("quant_kl", "Q4_K_M"): Tol(1.5, "measured <= 0.475 +- 0.058 (tiny-moe), 0.038-0.053 on the dense presets"),
     ("quant_top1", "F16"): Tol(0.97, "agreement with the F32 weights, as the fp16 logits_top1 row; measured >= 0.994"),
-    ("quant_top1", "BF16"): Tol(0.90, "as the bf16 logits_top1 row; measured >= 0.963"),
+    ("quant_top1", "BF16"): Tol(0.85, "as the bf16 logits_top1 row; measured >= 0.963 on the hand-made presets, "
+                                      "0.89 on tiny-nano-30b (128 experts)"),
     ("quant_top1", "Q8_0"): Tol(0.80, "measured >= 0.902 +- 0.016 (tiny-moe)"),
     ("quant_top1", "Q6_K"): Tol(0.80, "as Q8_0 (the same tensors on the tiny presets)"),
     ("quant_top1", "Q4_K_M"): Tol(0.50, "measured >= 0.665 +- 0.026 (tiny-moe)"),

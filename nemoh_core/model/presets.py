@@ -15,7 +15,13 @@ transformers' own init (dt_bias = 1, D = 1, zero router bias, one norm scale) wo
   * the router correction bias is large with a tiny spread, so rounding it to bf16 changes routing;
   * lm_head gives logits with a std of a few units, so top-1 is meaningful.
 
+Presets made from released configs (`tiny-8b`, `tiny-nano-30b`) come from `shrink_release`, applied to
+the release files in `releases/`.
+
 Importing this module imports neither torch nor transformers and writes nothing.
+
+Why one file: a preset's name resolves to its config, its bytes and its cache entry here; the hand-made
+table, the shrunk releases, the writer and the cache change together (the cache key hashes them).
 """
 
 from __future__ import annotations
@@ -194,11 +200,120 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+# --------------------------------------------------------------------------------------------
+# Presets made from released configs
+
+RELEASES_DIR = Path(__file__).with_name("releases")  # released config.json files, as package data
+PATTERN_KIND = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+WIDTH_DIVISOR = 32  # model widths (hidden, d_inner, MLP and expert sizes) shrink by this, to multiples of
+WIDTH_QUANTUM = 32  # this: llama.cpp's Q8_0/Q4_0 block, so quantized tables cover every matrix
+
+
+def _width(n: int) -> int:
+    return max(WIDTH_QUANTUM, round(n / WIDTH_DIVISOR / WIDTH_QUANTUM) * WIDTH_QUANTUM)
+
+
+def shrink_release(release: dict[str, Any], source: str) -> dict[str, Any]:
+    """A tiny config made from a released `config.json`, keeping what an engine's mapping depends on.
+
+    Every key of the release stays, under the release's own spelling (legacy `attention_head_dim`,
+    `rms_norm_eps`, `norm_eps`, the `auto_map` nemoh never follows), plus `head_dim` where only the
+    legacy spelling is there (transformers reads no other); only sizes change:
+      * the layer pattern is cut after the first prefix that holds every block kind the release uses,
+        plus one layer (8B: `M-M-M-M*-`, Nano 30B: `MEMEM*E`), and num_hidden_layers follows it;
+      * widths (hidden, d_inner, MLP, expert and shared-expert sizes) divided by WIDTH_DIVISOR, rounded
+        to multiples of WIDTH_QUANTUM, so d_inner == expand * hidden exactly where the release has it;
+      * per-head sizes divided by 8 (mamba head dim, attention head dim), the SSM state by 8, the scan
+        chunk by 4 (a 64-token prompt spans two chunks); counts kept: SSM groups, conv taps, experts,
+        top-k, routing groups, shared experts, scaling; attention heads follow hidden / head_dim where
+        the release has that equality, the query:KV ratio is kept and KV heads divided by 4;
+      * vocab is the presets' tokenizer's; torch_dtype says float32, as the written weights are.
+    """
+    from nemoh.model.config import parse_config
+
+    cfg = parse_config(release, source)
+    kinds = cfg.layer_types
+    used = set(kinds)
+    cut = next(i + 1 for i in range(len(kinds)) if set(kinds[: i + 1]) == used)
+    cut = min(cut + 1, len(kinds))
+    out = copy.deepcopy(release)
+
+    def put(canonical: str, value: Any, *spellings: str) -> None:
+        keys = [k for k in (canonical, *spellings) if k in release] or [canonical]
+        for k in keys:
+            out[k] = value
+
+    if "hybrid_override_pattern" in release:
+        out["hybrid_override_pattern"] = release["hybrid_override_pattern"][:cut]
+    else:
+        key = "layers_block_type" if "layers_block_type" in release else "layer_types"
+        out[key] = list(release[key][:cut])
+    put("num_hidden_layers", cut)
+    d_inner = cfg.mamba_num_heads * cfg.mamba_head_dim
+    hidden = _width(cfg.hidden_size)
+    if d_inner == cfg.expand * cfg.hidden_size:
+        small_inner = cfg.expand * hidden
+    else:
+        small_inner = _width(d_inner)
+        if small_inner == cfg.expand * hidden:  # keep the release's inequality
+            small_inner += WIDTH_QUANTUM
+    mamba_head_dim = max(4, cfg.mamba_head_dim // 8)
+    head_dim = max(8, cfg.head_dim // 8)
+    ratio = cfg.num_attention_heads // cfg.num_key_value_heads
+    if cfg.head_dim * cfg.num_attention_heads == cfg.hidden_size:
+        q_heads = hidden // head_dim
+        kv_heads = max(1, q_heads // ratio)
+    else:
+        kv_heads = max(1, cfg.num_key_value_heads // 4)
+        q_heads = kv_heads * ratio
+    put("hidden_size", hidden)
+    put("vocab_size", VOCAB_SIZE)
+    put("mamba_head_dim", mamba_head_dim)
+    put("mamba_num_heads", small_inner // mamba_head_dim)
+    put("ssm_state_size", max(8, cfg.ssm_state_size // 8))
+    put("chunk_size", max(16, cfg.chunk_size // 4), "mamba_chunk_size")
+    # transformers 5 reads only `head_dim` (default 128, which the 8B release happens to equal): written
+    # next to a legacy `attention_head_dim`, as in tiny-dense, so both readers see the shrunk size
+    out["head_dim"] = head_dim
+    put("head_dim", head_dim, "attention_head_dim")
+    put("num_attention_heads", q_heads)
+    put("num_key_value_heads", kv_heads)
+    for key in ("intermediate_size", "moe_intermediate_size", "moe_shared_expert_intermediate_size",
+                "moe_latent_size"):
+        if release.get(key):
+            out[key] = _width(release[key])
+    put("torch_dtype", "float32")
+    parse_config(out, f"{source} (shrunk)")  # what is written must load
+    return out
+
+
+def _from_release(name: str, file: str, seed: int) -> Preset:
+    path = RELEASES_DIR / file
+    release = json.loads(path.read_text(encoding="utf-8"))
+    return Preset(name, f"made from the released {file} by shrink_release (its keys, pattern prefix, ratios)",
+                  shrink_release(release, str(path)), seed)
+
+
+@functools.lru_cache(maxsize=1)
+def release_presets() -> dict[str, Preset]:
+    """Tiny presets made from the released configs in RELEASES_DIR (read on first use)."""
+    return {p.name: p for p in (
+        _from_release("tiny-8b", "Nemotron-H-8B-Base-8K.json", 1005),
+        _from_release("tiny-nano-30b", "NVIDIA-Nemotron-3-Nano-30B-A3B-BF16.json", 1006),
+    )}
+
+
+def all_presets() -> dict[str, Preset]:
+    """The hand-made tiny presets, then those made from released configs."""
+    return {**PRESETS, **release_presets()}
+
+
 def get_preset(name: str) -> Preset:
+    presets = all_presets()
     try:
-        return PRESETS[name]
+        return presets[name]
     except KeyError:
-        raise NemohError(did_you_mean("preset", name, PRESETS)) from None
+        raise NemohError(did_you_mean("preset", name, presets)) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,10 +502,10 @@ def resolve_model(name_or_path: str) -> Path:
         return path
     if path.is_file() and path.name == "config.json":
         return path.parent
-    if name_or_path in PRESETS:
+    if name_or_path in all_presets():
         return cached_checkpoint(name_or_path)
     raise NemohError(
-        did_you_mean("model or preset", name_or_path, PRESETS)
+        did_you_mean("model or preset", name_or_path, all_presets())
         + f" ('{name_or_path}' is neither a checkpoint directory nor a preset name.)"
     )
 

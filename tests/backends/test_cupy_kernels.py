@@ -23,17 +23,17 @@ from nemoh.backends import cupy_compile as cc
 from nemoh.errors import NemohError
 from nemoh.model.config import load_config, parse_config
 from nemoh.model.ir import OP_KINDS, build_graph
-from nemoh.model.presets import PRESETS
+from nemoh.model.presets import PRESETS, RELEASES_DIR, all_presets
 from nemoh.runtime.backend import Support
 from nemoh.runtime.registry import get_backend
 
-RELEASED = Path(__file__).resolve().parents[1] / "data" / "released"
+RELEASED = RELEASES_DIR
 NANO9B = cc.KERNEL_DIR / "nano-9b-v2.config.json"
 
 
 def _graphs():
     """(name, graph) for every tiny preset and released config, in both kernel dtypes."""
-    cfgs = [(n, parse_config(p.config, n)) for n, p in PRESETS.items()]
+    cfgs = [(n, parse_config(p.config, n)) for n, p in all_presets().items()]
     cfgs += [(p.stem, load_config(p)) for p in sorted(RELEASED.glob("*.json"))]
     cfgs.append(("nano-9b-v2", load_config(NANO9B)))
     return [(f"{n}-{dt}", build_graph(c, dt)) for n, c in cfgs for dt in cb.DTYPES]

@@ -221,6 +221,20 @@ def test_an_abort_in_the_worker_is_an_exception_and_the_backend_recovers(model):
 
 
 @needs_llamacpp
+def test_an_abort_in_a_conformance_run_fails_its_case_and_the_run_goes_on():
+    from nemoh.conformance.runner import run_conformance
+
+    report = run_conformance("tiny-moe", ["broken_backends:aborting_llamacpp"], ["float32"], ["logits"],
+                             progress=False, deviations=False)
+    results = report["runs"][0]["results"]
+    failed = [r for r in results if r["status"] == "FAIL"]
+    assert len(failed) == 1, [(r["name"], r["status"], r["message"]) for r in results]
+    assert "abort" in failed[0]["message"].lower() or "SIGABRT" in failed[0]["message"]
+    assert [r["status"] for r in results].count("OK") == len(results) - 1  # the next cases ran, on a new worker
+    assert report["summary"]["exit_code"] == 1
+
+
+@needs_llamacpp
 def test_quantized_types_through_llama_model_quantize(model, oracle64):
     """Q8_0 and Q4_K_M GGUFs made by llama_model_quantize run, and their KL against the F32 weights orders
     as expected (the quant suite reports the full table; docs/llamacpp.md)."""

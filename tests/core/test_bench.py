@@ -9,7 +9,6 @@ import json
 import math
 import random
 from importlib import resources
-from pathlib import Path
 
 import jsonschema
 import numpy as np
@@ -29,10 +28,10 @@ from nemoh.bench.stats import percentile, summarize
 from nemoh.errors import NemohError
 from nemoh.model.config import load_config, parse_config
 from nemoh.model.ir import build_graph
-from nemoh.model.presets import PRESETS
+from nemoh.model.presets import PRESETS, RELEASES_DIR
 from nemoh.reports.bench_html import render
 
-RELEASED = Path(__file__).resolve().parents[1] / "data" / "released"
+RELEASED = RELEASES_DIR
 QUICK = dict(prompt_lengths=[8, 20], context_depths=[6, 12], decode_tokens=3, repeats=2, warmup=1,
              progress=False, probe_copy_bytes=4 << 20, probe_matmul_n=64)
 
@@ -222,6 +221,31 @@ def test_cpu_memory_meter_sees_a_phase_allocation():
     assert peak >= 60 << 20
     phase = meter.start()  # a fresh phase does not inherit the earlier peak
     assert meter.peak_since(phase) < 32 << 20
+
+
+def test_cpu_memory_meter_counts_child_processes(tmp_path):
+    """An out-of-process backend (llama.cpp's worker) is measured: its RSS counts in the meter's."""
+    import subprocess
+    import sys
+    import time
+
+    meter = MemoryMeter(torch.device("cpu"))
+    if not meter.resettable:
+        pytest.skip("this kernel does not let a process reset its VmHWM")
+    ready = tmp_path / "ready"
+    base = meter.current()
+    child = subprocess.Popen([sys.executable, "-c", "import pathlib, sys, time\nx = bytearray(96 << 20)\n"
+                              f"pathlib.Path({str(ready)!r}).touch()\ntime.sleep(30)"])
+    try:
+        for _ in range(300):
+            if ready.exists():
+                break
+            time.sleep(0.05)
+        assert ready.exists()
+        assert meter.current() - base >= 90 << 20
+    finally:
+        child.kill()
+        child.wait()
 
 
 # ----------------------------------------------------------------------------------------------

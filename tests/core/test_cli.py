@@ -13,10 +13,10 @@ from nemoh.cli import main
 from nemoh.errors import NemohError
 from nemoh.model.config import parse_config
 from nemoh.model.ir import build_graph
-from nemoh.model.presets import PRESETS
+from nemoh.model.presets import PRESETS, RELEASES_DIR
 from nemoh.runtime.registry import available_backends, get_backend
 
-SHARED = Path(__file__).resolve().parents[1] / "data" / "released"
+SHARED = RELEASES_DIR
 
 
 def run_json(capsys, *args) -> dict:

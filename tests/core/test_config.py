@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +13,9 @@ from hypothesis import strategies as st
 from nemoh.errors import ConfigError
 from nemoh.model.config import ModelConfig, load_config, parse_config
 from nemoh.model.ir import build_graph
+from nemoh.model.presets import RELEASES_DIR, release_presets, shrink_release
 
-SHARED = Path(__file__).resolve().parents[1] / "data" / "released"
+SHARED = RELEASES_DIR
 RELEASED = sorted(SHARED.glob("*.json"))
 assert len(RELEASED) == 2, SHARED
 
@@ -37,10 +37,13 @@ def hf_kinds(hc) -> list[str]:
     return [names[t] for t in hc.layers_block_type]
 
 
-@pytest.mark.parametrize("path", RELEASED, ids=lambda p: p.stem)
-def test_released_configs_match_transformers(path):
-    raw = json.loads(path.read_text())
-    cfg = load_config(path)
+CONFIGS = [(p.stem, json.loads(p.read_text())) for p in RELEASED] + \
+    [(n, p.config) for n, p in release_presets().items()]  # the releases, and the presets made from them
+
+
+@pytest.mark.parametrize("name,raw", CONFIGS, ids=[n for n, _ in CONFIGS])
+def test_released_configs_match_transformers(name, raw):
+    cfg = parse_config(raw, name)
     hc, model = hf_meta_model(raw)
     assert list(cfg.layer_types) == hf_kinds(hc)
     g = build_graph(cfg)
@@ -240,3 +243,30 @@ def test_any_config_sizes_like_transformers(raw):
     assert {t.name: t.shape for t in g.params} == theirs
     assert g.checkpoint_tensors_total == sum(math.prod(s) for s in theirs.values())
     assert g.params_total == model.num_parameters()
+
+
+@pytest.mark.parametrize("path", RELEASED, ids=lambda p: p.stem)
+def test_presets_made_from_releases_keep_what_mappings_depend_on(path):
+    raw = json.loads(path.read_text())
+    big = parse_config(raw, path.name)
+    shrunk = shrink_release(raw, path.name)
+    small = parse_config(shrunk, "shrunk")
+    assert set(raw) <= set(shrunk)  # every key, under the release's own spelling
+    assert {k for k in shrunk if k not in raw} <= {"head_dim"}
+    # the pattern is a prefix of the release's holding every block kind, and the layer count follows it
+    assert big.pattern.startswith(small.pattern) and set(small.pattern) == set(big.pattern)
+    assert small.num_layers == len(small.pattern) < big.num_layers
+    # equalities and inequalities an engine's mapping can get wrong stay as the release has them
+    assert (small.d_inner == small.expand * small.hidden_size) == (big.d_inner == big.expand * big.hidden_size)
+    assert (small.head_dim * small.num_attention_heads == small.hidden_size) == \
+        (big.head_dim * big.num_attention_heads == big.hidden_size)
+    assert small.num_attention_heads // small.num_key_value_heads == \
+        big.num_attention_heads // big.num_key_value_heads
+    assert small.mamba_num_heads % small.n_groups == 0 and small.mamba_num_heads > small.n_groups
+    for key in ("n_groups", "conv_kernel", "expand", "n_routed_experts", "num_experts_per_tok", "n_group",
+                "topk_group", "n_shared_experts", "routed_scaling_factor", "norm_topk_prob", "time_step_limit",
+                "layer_norm_epsilon", "tie_word_embeddings"):
+        assert getattr(small, key) == getattr(big, key), key
+    assert small.chunk_size < 64  # a 64-token prompt spans two scan chunks
+    assert small.hidden_size % 32 == 0  # every matrix quantizes in 32-wide blocks (llama.cpp Q8_0, Q4_0)
+    assert build_graph(small).params_total < 10_000_000

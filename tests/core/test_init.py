@@ -3,8 +3,6 @@ both profiles, and each profile keeps the statistics its users rely on."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -12,9 +10,9 @@ from nemoh.bench.models import BENCH_PRESETS, RandomWeights, bench_preset_config
 from nemoh.model.config import load_config
 from nemoh.model.init import KINDS, PROFILES, RULES, kind_of
 from nemoh.model.ir import build_graph
-from nemoh.model.presets import PRESETS, resolve_model
+from nemoh.model.presets import PRESETS, RELEASES_DIR, resolve_model
 
-RELEASED = sorted((Path(__file__).resolve().parents[1] / "data" / "released").glob("*.json"))
+RELEASED = sorted(RELEASES_DIR.glob("*.json"))
 
 
 def test_every_kind_has_a_rule_in_every_profile():

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 
 from nemoh.model.config import load_config, parse_config
 from nemoh.model.ir import OP_KINDS, Graph, build_graph
-from nemoh.model.presets import PRESETS
+from nemoh.model.presets import PRESETS, RELEASES_DIR
 
-SHARED = Path(__file__).resolve().parents[1] / "data" / "released"
+SHARED = RELEASES_DIR
 CONFIGS = {p.stem: load_config(p) for p in sorted(SHARED.glob("*.json"))}
 CONFIGS.update({name: parse_config(p.config, name) for name, p in PRESETS.items()})
 

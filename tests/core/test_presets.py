@@ -160,6 +160,25 @@ def test_config_on_disk_is_release_style(checkpoints, models):
     assert models["tiny-latent-moe"].config.moe_latent_size == 32
 
 
+@pytest.mark.parametrize("name", list(P.release_presets()))
+def test_presets_made_from_releases_round_trip(name, tmp_path):
+    """Written in the hub layout, read back by transformers with nothing missing or left over, and by
+    nemoh's loader against its own graph."""
+    from transformers import NemotronHForCausalLM
+
+    from nemoh.model.config import load_config
+    from nemoh.model.ir import build_graph
+    from nemoh.model.weights import Checkpoint
+
+    path = P.write_checkpoint(name, tmp_path / name)
+    assert json.loads((path / "config.json").read_text()) == P.get_preset(name).config
+    _, info = NemotronHForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    assert not any(info.values()), info
+    graph = build_graph(load_config(path), "float32")
+    params = Checkpoint(path).load(graph)
+    assert {t.name for t in graph.params} == set(params)
+
+
 def test_unknown_preset():
     with pytest.raises(NemohError, match="Did you mean: tiny-moe"):
         P.get_preset("tiny-mo")

@@ -214,13 +214,30 @@ static void* g_sched_sp = nullptr;
 static ucontext_t g_sched_uc;
 #endif
 
+static int g_order = 0;  // this launch's schedule: threads ascending (0) or descending (1) between barriers
+
+// Park the running fiber and run the next READY one of this pass directly (the one the scheduler would
+// resume next, so the order is the same), or return to the scheduler after the last: one stack switch
+// per thread per barrier or shuffle instead of two.
 inline void to_scheduler(int state) {
     Fiber& f = g_fib[g_cur];
     f.state = state;
+    int next = -1;
+    if (g_order == 0) {
+        for (int i = g_cur + 1; i < g_n; ++i)
+            if (g_fib[i].state == READY) { next = i; break; }
+    } else {
+        for (int i = g_cur - 1; i >= 0; --i)
+            if (g_fib[i].state == READY) { next = i; break; }
+    }
+    if (next >= 0) {
+        g_cur = next;
+        g_threadIdx = g_fib[next].tid;
+    }
 #if EMU_ASM_SWITCH
-    nemoh_emu_switch(&f.sp, g_sched_sp);
+    nemoh_emu_switch(&f.sp, next >= 0 ? g_fib[next].sp : g_sched_sp);
 #else
-    swapcontext(&f.uc, &g_sched_uc);
+    swapcontext(&f.uc, next >= 0 ? &g_fib[next].uc : &g_sched_uc);
 #endif
 }
 
@@ -399,6 +416,7 @@ static int launch(const char* kernel, const unsigned* grid, const unsigned* bloc
         return 1;
     }
     g_poison = order ? 0x7f : 0xff;  // NaN / -1 in one schedule, a huge finite value in the other
+    g_order = order;
     g_smem = (size_t)smem;
     g_n = (int)n;
     g_body = body;

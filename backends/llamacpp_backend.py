@@ -163,6 +163,8 @@ class LlamaCppBackend(BackendBase):
             "threads": threads or int(env("NEMOH_LLAMACPP_THREADS", str(os.cpu_count() or 1))),
             "kv": (kv_type or env("NEMOH_LLAMACPP_KV", "f32")).lower(),
             "flash_attn": int(flash_attn if flash_attn is not None else env("NEMOH_LLAMACPP_FA", "0")),
+            # llama.cpp's default: weights repacked into the CPU backend's extra buffer types (REPACK)
+            "repack": env("NEMOH_LLAMACPP_REPACK", "1") != "0",
         }
         self._w: _Worker | None = None
         self._gen = 0
@@ -200,9 +202,11 @@ class LlamaCppBackend(BackendBase):
     def weight_variant(self, wtype: str) -> LlamaCppBackend:
         """A new, unloaded backend with the same options reading the GGUF at `wtype` (the quant suite)."""
         kw = {k: v for k, v in self.opts.items() if k not in ("kv",)}
-        return LlamaCppBackend(wtype, n_ctx=kw["n_ctx"], n_seq_max=kw["n_seq_max"], n_batch=kw["n_batch"],
-                               n_ubatch=kw["n_ubatch"], threads=kw["threads"], kv_type=self.opts["kv"],
-                               flash_attn=kw["flash_attn"])
+        be = LlamaCppBackend(wtype, n_ctx=kw["n_ctx"], n_seq_max=kw["n_seq_max"], n_batch=kw["n_batch"],
+                             n_ubatch=kw["n_ubatch"], threads=kw["threads"], kv_type=self.opts["kv"],
+                             flash_attn=kw["flash_attn"])
+        be.opts["repack"] = self.opts["repack"]
+        return be
 
     # -- worker ----------------------------------------------------------------------------------
     def _worker(self) -> _Worker:
@@ -233,7 +237,8 @@ class LlamaCppBackend(BackendBase):
         o = self.opts
         self.model_info = self._w.request("load", str(self.gguf), {
             "n_ctx": o["n_ctx"], "n_batch": o["n_batch"], "n_ubatch": o["n_ubatch"], "n_seq_max": o["n_seq_max"],
-            "threads": o["threads"], "type_kv": GGML_TYPES[o["kv"]], "flash_attn": o["flash_attn"]})
+            "threads": o["threads"], "type_kv": GGML_TYPES[o["kv"]], "flash_attn": o["flash_attn"],
+            "repack": o["repack"]})
 
     def close(self) -> None:
         if self._w is not None:
@@ -411,7 +416,7 @@ class LlamaCppBackend(BackendBase):
         d.update({
             "weights": self.weight_type(self.graph.dtype) if self.graph is not None else self.weights,
             "gguf": str(self.gguf) if self.gguf else None,
-            "kv_cache_type": self.opts["kv"], "flash_attn": self.opts["flash_attn"],
+            "kv_cache_type": self.opts["kv"], "flash_attn": self.opts["flash_attn"], "repack": self.opts["repack"],
             "n_batch": self.opts["n_batch"], "n_ubatch": self.opts["n_ubatch"], "threads": self.opts["threads"],
             "worker": "subprocess (python -m nemoh.backends.llamacpp_worker)", "worker_restarts": self._restarts,
             "trace": "llama.cpp eval callback (cb_eval): embd -> embeddings, nemotron_h_block_out-{i} -> "

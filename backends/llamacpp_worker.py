@@ -89,6 +89,7 @@ class Worker:
         L = self.L
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = 0
+        mp.use_extra_bufts = opts.get("repack", True)  # False: no weight repacking (NEMOH_LLAMACPP_REPACK=0)
         model = L.llama_model_load_from_file(path.encode(), mp)
         if not model:
             raise RuntimeError(f"llama_model_load_from_file failed on {path} (see the log)")

@@ -255,3 +255,30 @@ def test_quantized_types_through_llama_model_quantize(model, oracle64):
         assert kinds - {"F32"}, f"{qt}: nothing was quantized ({kinds})"
         kls[qt] = kl_stats(base, out)["kl"]
     assert 0 < kls["Q8_0"] < kls["Q4_K_M"]
+
+
+@needs_llamacpp
+@pytest.mark.parametrize("repack", [True, False])
+def test_finding_quantized_moe_prefill_depends_on_the_micro_batch(ckpt, source, repack):
+    """Measured finding (docs/llamacpp.md, "chunked"): with Q8_0 weights on a MoE model, a token's logits
+    depend on which other tokens share its micro-batch. One micro-batch per token makes every split
+    bit-identical; with the default micro-batch (the whole chunk) a split moves a few positions by ~0.05
+    (REPACK on or off alike). If this starts failing, llama.cpp changed: re-measure and update the doc."""
+    from nemoh.backends.llamacpp_backend import LlamaCppBackend
+    from nemoh.runtime.session import open_model
+
+    ids = torch.randint(4, 512, (2, 260), generator=torch.Generator().manual_seed(5))
+    out = {}
+    for ubatch in (2048, 1):
+        be = LlamaCppBackend("Q8_0", n_ubatch=ubatch)
+        be.opts["repack"] = repack
+        m = open_model(str(ckpt), be, "float32")
+        try:
+            assert be.describe()["repack"] is repack
+            one = m.session(2).prefill(ids)
+            out[ubatch] = [(one - m.session(2).prefill(ids, chunks=split)).abs().max().item()
+                           for split in ([3, 257], [73, 187])]
+        finally:
+            be.close()
+    assert out[1] == [0.0, 0.0]
+    assert all(1e-3 < d < 1.0 for d in out[2048]), out

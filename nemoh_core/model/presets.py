@@ -204,7 +204,6 @@ PRESETS: dict[str, Preset] = {
 # Presets made from released configs
 
 RELEASES_DIR = Path(__file__).with_name("releases")  # released config.json files, as package data
-PATTERN_KIND = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 WIDTH_DIVISOR = 32  # model widths (hidden, d_inner, MLP and expert sizes) shrink by this, to multiples of
 WIDTH_QUANTUM = 32  # this: llama.cpp's Q8_0/Q4_0 block, so quantized tables cover every matrix
 

@@ -152,7 +152,7 @@ class LlamaCppBackend(BackendBase):
 
     def __init__(self, weights: str | None = None, *, n_ctx: int | None = None, n_seq_max: int | None = None,
                  n_batch: int | None = None, n_ubatch: int | None = None, threads: int | None = None,
-                 kv_type: str | None = None, flash_attn: int | None = None):
+                 kv_type: str | None = None, flash_attn: int | None = None, repack: bool | None = None):
         env = os.environ.get
         self.weights = (weights or env("NEMOH_LLAMACPP_WEIGHTS") or "").upper() or None
         self.opts = {
@@ -164,7 +164,7 @@ class LlamaCppBackend(BackendBase):
             "kv": (kv_type or env("NEMOH_LLAMACPP_KV", "f32")).lower(),
             "flash_attn": int(flash_attn if flash_attn is not None else env("NEMOH_LLAMACPP_FA", "0")),
             # llama.cpp's default: weights repacked into the CPU backend's extra buffer types (REPACK)
-            "repack": env("NEMOH_LLAMACPP_REPACK", "1") != "0",
+            "repack": repack if repack is not None else env("NEMOH_LLAMACPP_REPACK", "1") != "0",
         }
         self._w: _Worker | None = None
         self._gen = 0
@@ -202,11 +202,9 @@ class LlamaCppBackend(BackendBase):
     def weight_variant(self, wtype: str) -> LlamaCppBackend:
         """A new, unloaded backend with the same options reading the GGUF at `wtype` (the quant suite)."""
         kw = {k: v for k, v in self.opts.items() if k not in ("kv",)}
-        be = LlamaCppBackend(wtype, n_ctx=kw["n_ctx"], n_seq_max=kw["n_seq_max"], n_batch=kw["n_batch"],
-                             n_ubatch=kw["n_ubatch"], threads=kw["threads"], kv_type=self.opts["kv"],
-                             flash_attn=kw["flash_attn"])
-        be.opts["repack"] = self.opts["repack"]
-        return be
+        return LlamaCppBackend(wtype, n_ctx=kw["n_ctx"], n_seq_max=kw["n_seq_max"], n_batch=kw["n_batch"],
+                               n_ubatch=kw["n_ubatch"], threads=kw["threads"], kv_type=self.opts["kv"],
+                               flash_attn=kw["flash_attn"], repack=kw["repack"])
 
     # -- worker ----------------------------------------------------------------------------------
     def _worker(self) -> _Worker:

@@ -270,8 +270,7 @@ def test_finding_quantized_moe_prefill_depends_on_the_micro_batch(ckpt, source, 
     ids = torch.randint(4, 512, (2, 260), generator=torch.Generator().manual_seed(5))
     out = {}
     for ubatch in (2048, 1):
-        be = LlamaCppBackend("Q8_0", n_ubatch=ubatch)
-        be.opts["repack"] = repack
+        be = LlamaCppBackend("Q8_0", n_ubatch=ubatch, repack=repack)
         m = open_model(str(ckpt), be, "float32")
         try:
             assert be.describe()["repack"] is repack

@@ -53,7 +53,13 @@ def conformance(session: nox.Session) -> None:
     registered = session.run("python", "-c", "from nemoh.runtime.registry import available_backends as a; "
                              "print(' '.join(sorted(a())))", silent=True).split()
     backends = ",".join(b for b in registered if not b.startswith(OWN_SESSION))
-    args = list(session.posargs) or ["--backend", backends]
+    args = list(session.posargs)
+    baseline = None  # `-- --baseline DIR`: afterwards, `nemoh compare DIR artifacts/conformance` (a regression fails)
+    if "--baseline" in args:
+        i = args.index("--baseline")
+        baseline, args = args[i + 1], args[:i] + args[i + 2:]
+    update = "--update-baseline" in args  # `-- --update-baseline`: then copy the reports into baselines/conformance/
+    args = [a for a in args if a != "--update-baseline"] or ["--backend", backends]
     failed = []
     for preset in presets:
         try:
@@ -62,6 +68,21 @@ def conformance(session: nox.Session) -> None:
                         "--junit", str(out / f"{preset}.junit.xml"), "--no-progress")
         except nox.command.CommandFailed:
             failed.append(preset)  # keep going: every preset gets its report
+    if update:
+        dest = Path("baselines/conformance")
+        dest.mkdir(parents=True, exist_ok=True)
+        for old in dest.glob("*.json"):
+            old.unlink()
+        for preset in presets:
+            if (out / f"{preset}.json").exists():
+                (dest / f"{preset}.json").write_bytes((out / f"{preset}.json").read_bytes())
+    if baseline:
+        Path("artifacts/compare").mkdir(parents=True, exist_ok=True)
+        try:
+            session.run("nemoh", "compare", baseline, str(out), "--markdown", "artifacts/compare/conformance.md",
+                        "--html", "artifacts/compare/conformance.html", "--json", "artifacts/compare/conformance.json")
+        except nox.command.CommandFailed:
+            failed.append(f"the comparison with {baseline} (artifacts/compare/conformance.html)")
     if failed:
         session.error(f"conformance failed on: {', '.join(failed)} (see {out}/*.html)")
 
@@ -86,19 +107,26 @@ def eval_(session: nox.Session) -> None:
 @nox.session(name="cupy-emulated")
 def cupy_emulated(session: nox.Session) -> None:
     """The CuPy executor on the CPU: its CUDA kernels compiled by g++ and run by the emulator
-    (backends/cuda_emu.py), every kernel check including the slow ones, then every preset (those made from
-    released configs too) x (float32, bfloat16) through every suite, into artifacts/cupy-emulated/.
-    `nox -s cupy-emulated -- PRESET...` narrows the presets. Timings are the emulator's."""
+    (backends/cuda_emu.py), every kernel check and every check of the real `cupy` backend through the CuPy
+    stand-in (tests/standin), slow ones included, then every preset (those made from released configs too) x
+    (float32, bfloat16) through every suite on `cupy-emulated`, into artifacts/cupy-emulated/.
+    `nox -s cupy-emulated -- PRESET...` narrows the presets; `-- --standin PRESET...` runs their conformance on
+    the real `cupy` backend through the stand-in instead (CupyDevice and all). Timings are the emulator's."""
     install(session)
     session.run("pytest", "-q", "-p", "no:cacheprovider", "-m", "slow or not slow",
                 "tests/backends/test_cupy_emulated.py", "tests/backends/test_cupy_limits.py",
+                "tests/backends/test_cupy_standin.py",
                 env={"NEMOH_EMU_SCHEDULES": "2"})  # the kernel checks always compare two schedules
     out = Path("artifacts/cupy-emulated")
     out.mkdir(parents=True, exist_ok=True)
-    for preset in session.posargs or preset_names(session):
-        session.run("nemoh", "conformance", "--model", preset, "--backend", "cupy-emulated",
-                    "--dtype", "float32,bfloat16", "--json", str(out / f"{preset}.json"),
-                    "--html", str(out / f"{preset}.html"), "--no-progress")
+    args = list(session.posargs)
+    standin = "--standin" in args
+    presets = [a for a in args if a != "--standin"] or preset_names(session)
+    backend, env = ("cupy", {"PYTHONPATH": str(Path("tests/standin").resolve())}) if standin else ("cupy-emulated", {})
+    for preset in presets:
+        session.run("nemoh", "conformance", "--model", preset, "--backend", backend,
+                    "--dtype", "float32,bfloat16", "--json", str(out / f"{preset}.{backend}.json"),
+                    "--html", str(out / f"{preset}.{backend}.html"), "--no-progress", env=env)
 
 
 @nox.session
@@ -120,6 +148,39 @@ def llamacpp(session: nox.Session) -> None:
             session.run("nemoh", "conformance", "--model", preset, "--backend", backend, "--dtype", "float32",
                         "--isolate", "--json", str(out / f"{preset}.{backend}.json"),
                         "--html", str(out / f"{preset}.{backend}.html"), "--no-progress", success_codes=[0, 1])
+
+
+#: the transformers versions the reference is tested on: the oldest the pin allows (5.3.0, the first with
+#: Nemotron-H), the last that clamps dt in prefill (a known deviation, nemoh/conformance/deviations.py), and the
+#: newest (None: whatever pip resolves today, as a fresh install gets; .ci/run's default test run is that one)
+TRANSFORMERS_VERSIONS = {"oldest": "5.17.0", "last-dt-clamp": "5.24.0", "newest": None}
+
+
+@nox.session(name="transformers-range")
+@nox.parametrize("which", list(TRANSFORMERS_VERSIONS))
+def transformers_range(session: nox.Session, which: str) -> None:
+    """The reference changes every month: the conformance tests (the known deviations against the installed
+    reference, the executor against transformers, checkpoints transformers writes) on each version above.
+    `nox -s transformers-range` runs all three; `nox -s "transformers-range(which='oldest')"` one."""
+    install(session)
+    version = TRANSFORMERS_VERSIONS[which]
+    session.install(f"transformers=={version}" if version else "transformers>=5.3,<6", "--upgrade")
+    session.run("python", "-c", "import transformers; print('transformers', transformers.__version__)")
+    session.run("pytest", "-q", "-p", "no:cacheprovider", "tests/core/test_deviations.py",
+                "tests/core/test_conformance.py", "tests/backends/test_torch_backend.py", "tests/core/test_config.py",
+                *session.posargs, env={"NEMOH_CACHE": session.create_tmp()})  # presets written by this version
+
+
+@nox.session(venv_backend="none")
+def gpu(session: nox.Session) -> None:
+    """The prepared GPU visit (tests/gpu_check.py): environment, every kernel against the oracle, the whole
+    test_cupy_gpu.py, conformance of cupy and torch on every preset, nemoh-bench at Nano 9B v2 and Nano 30B-A3B
+    shapes; each step under its own time limit, at most 8 files in the folder given (default artifacts/gpu).
+    Runs with the interpreter nox runs on and installs nothing (a GPU machine has no package registry):
+    `nox -s gpu -- OUT`. `nox -s gpu -- --dry-run OUT` runs the same steps on the CPU (CI does)."""
+    import sys
+
+    session.run(sys.executable, "tests/gpu_check.py", *(session.posargs or ["artifacts/gpu"]), external=True)
 
 
 @nox.session
@@ -169,7 +230,19 @@ def bench(session: nox.Session) -> None:
     `nemoh-bench ARGS` instead (e.g. `-- --backend torch --model tiny-moe --prompt-lengths 512 2048`).
     """
     install(session)
-    args = session.posargs or ["--backend", "torch", "--model", "cpu-small", "--prompt-lengths", "512", "2048",
-                               "--context-depths", "128", "2048", "--json", "artifacts/bench/cpu-small.json",
-                               "--html", "artifacts/bench/cpu-small.html"]
+    args = list(session.posargs)
+    baseline = None  # `-- --baseline DIR_OR_JSON`: then compare the run's --json with it (a slowdown can fail)
+    if "--baseline" in args:
+        i = args.index("--baseline")
+        baseline, args = args[i + 1], args[:i] + args[i + 2:]
+    args = args or ["--backend", "torch", "--model", "cpu-small", "--prompt-lengths", "512", "2048",
+                    "--context-depths", "128", "2048", "--json", "artifacts/bench/cpu-small.json",
+                    "--html", "artifacts/bench/cpu-small.html"]
     session.run("nemoh-bench", *args)
+    if baseline:
+        if "--json" not in args:
+            session.error("--baseline needs the run's --json to compare")
+        Path("artifacts/compare").mkdir(parents=True, exist_ok=True)
+        session.run("nemoh", "compare", baseline, args[args.index("--json") + 1], "--fail-on", "new-fail,slowdown=10",
+                    "--markdown", "artifacts/compare/bench.md", "--html", "artifacts/compare/bench.html",
+                    "--json", "artifacts/compare/bench.json")

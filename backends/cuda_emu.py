@@ -102,8 +102,10 @@ def parse_params(text: str) -> list[Param]:
 _T = {"f32": ("float", (np.float32,)), "bf16": ("__nv_bfloat16", (np.uint16, np.int16))}
 _NP = {"float": (np.float32,), "double": (np.float64,), "int": (np.int32,), "unsigned": (np.uint32,),
        "i64": (np.int64,), "long long": (np.int64,), "unsigned char": (np.uint8,), "char": (np.int8, np.uint8)}
-_SCALAR = {"int": ctypes.c_int32, "unsigned": ctypes.c_uint32, "float": ctypes.c_float, "double": ctypes.c_double,
-           "i64": ctypes.c_int64, "long long": ctypes.c_int64}
+_CScalar = type[ctypes.c_int32] | type[ctypes.c_uint32] | type[ctypes.c_float] | type[ctypes.c_double] \
+    | type[ctypes.c_int64]
+_SCALAR: dict[str, _CScalar] = {"int": ctypes.c_int32, "unsigned": ctypes.c_uint32, "float": ctypes.c_float,
+                                "double": ctypes.c_double, "i64": ctypes.c_int64, "long long": ctypes.c_int64}
 
 
 def entry_signature(entry: str) -> tuple[str, str | None, list[Param]]:
@@ -134,6 +136,14 @@ _DYN_SHARED = re.compile(r"extern\s+__shared__\s+((?:__align__\s*\(\s*\d+\s*\)\s
 _SHARED = re.compile(r"__shared__\s+([^;{}]+);")
 
 
+def _declared_name(decl: str) -> str:
+    """The variable a shared-memory declaration names: "float buf[32][33]" -> "buf"."""
+    m = re.match(r"(?:.*?[\s*)])?(\w+)\s*(?:\[[^\]]*\]\s*)*$", decl.strip(), re.S)
+    if m is None:
+        raise EmulatorError(f"cannot read the variable name of the __shared__ declaration {decl.strip()!r}")
+    return m.group(1)
+
+
 def rewrite_shared(src: str) -> str:
     """`extern __shared__ T s[];` -> a pointer to the launch's dynamic shared buffer; every static
     `__shared__` declaration also registers its variables (poisoned at each block start). Keeps
@@ -142,8 +152,7 @@ def rewrite_shared(src: str) -> str:
                                     f"reinterpret_cast<{m.group(2)}*>(EMU_DYNAMIC_SHARED);", src)
 
     def static(m: re.Match) -> str:
-        names = [re.match(r"(?:.*?[\s*)])?(\w+)\s*(?:\[[^\]]*\]\s*)*$", d.strip(), re.S).group(1)
-                 for d in m.group(1).split(",")]
+        names = [_declared_name(d) for d in m.group(1).split(",")]
         return f"static {m.group(1)};" + "".join(f" EMU_SHARED({n});" for n in names)
 
     return _SHARED.sub(static, src)
@@ -267,7 +276,8 @@ class Module:
                                 f"({', '.join(f'{p.type} {p.name}' for p in params)})")
         scalars = [None if p.pointer else _scalar(p, a, what) for p, a in zip(params, args)]
         arrays = {i: _array(p, args[i], suffix, what) for i, p in enumerate(params) if p.pointer}
-        groups = _groups({i: a for i, a in arrays.items() if a is not None})
+        present = {i: a for i, a in arrays.items() if a is not None}  # the non-null pointers
+        groups = _groups(present)
         results = []
         for order in range(schedules):
             bufs = [_Guarded(lo, hi, order) for lo, hi, _ in groups]
@@ -278,7 +288,7 @@ class Module:
                 elif arrays[i] is None:
                     ptrs.append(ctypes.c_void_p(None))
                 else:
-                    addr = _addr(arrays[i])
+                    addr = _addr(present[i])
                     k = next(k for k, (lo, hi, _) in enumerate(groups) if lo <= addr < max(hi, lo + 1))
                     ptrs.append(ctypes.c_void_p(bufs[k].data_addr + addr - groups[k][0]))
             argv = (ctypes.c_void_p * max(1, len(ptrs)))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p)
@@ -289,14 +299,14 @@ class Module:
             if rc:
                 raise EmulatorError(f"{what}: {msg}")
             for buf, (_, _, members) in zip(bufs, groups):
-                buf.check_guards(what, [(params[i].name, i, arrays[i]) for i in members])
+                buf.check_guards(what, [(params[i].name, i, present[i]) for i in members])
             results.append(bufs)
         for k, (lo, hi, members) in enumerate(groups):
             first = results[0][k].data()
             for other in results[1:]:
                 diff = np.flatnonzero(first != other[k].data())
                 if diff.size:
-                    where = _where(int(diff[0]), lo, [(params[i].name, i, arrays[i]) for i in members])
+                    where = _where(int(diff[0]), lo, [(params[i].name, i, present[i]) for i in members])
                     raise EmulatorError(f"{what}: results differ between two thread schedules ({where}, "
                                         f"{diff.size} bytes differ): a race (a missing __syncthreads, blocks "
                                         "depending on each other's writes) or a read of never-written shared memory "

@@ -42,12 +42,9 @@ Options (constructor arguments, or the environment for the registry's no-argumen
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -61,6 +58,7 @@ from nemoh.model.weights import Checkpoint
 from nemoh.runtime.backend import Support
 
 from . import cupy_compile as cc
+from .cupy_device import NP_DTYPES, CupyDevice, Device, LaunchShape
 
 DTYPES = ("float32", "bfloat16")
 
@@ -74,11 +72,6 @@ GRID_YZ_MAX = 65535
 SMEM_STATIC_MAX = 48 * 1024
 VEC_BYTES = 16
 
-# cuBLAS / CUDA enums (cublas_api.h, library_types.h)
-CUDA_R_32F, CUDA_R_16BF = 0, 14
-CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
-CUBLAS_COMPUTE_32F = 68
-CUBLAS_GEMM_DEFAULT = -1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,7 +215,8 @@ def decode_buffers(graph: Graph, batch: int, splits: int) -> dict[str, tuple[tup
     """The static scratch buffers a captured decode step reads and writes (one token per row)."""
     c, B, dt = graph.config, batch, graph.dtype
     D = c.hidden_size
-    out = {"x": ((B, D), dt), "h": ((B, D), dt), "out": ((B, D), dt), "logits": ((B, c.vocab_size), dt)}
+    out: dict[str, tuple[tuple[int, ...], str]] = {
+        "x": ((B, D), dt), "h": ((B, D), dt), "out": ((B, D), dt), "logits": ((B, c.vocab_size), dt)}
     kinds = set(c.layer_types)
     if "mamba" in kinds:
         out |= {"zxbcdt": ((B, c.in_proj_dim), dt), "xbc": ((B, c.conv_dim), dt),
@@ -300,175 +294,10 @@ class DecodeGraph:
 # The backend
 # ----------------------------------------------------------------------------------------------
 
-class Ptr(int):
-    """A raw device address passed to a kernel as a 64-bit value."""
-
-
 # ----------------------------------------------------------------------------------------------
-# The device seam: every device action of the backend goes through one of these two classes
+# The device seam: every device action of the backend goes through one of two classes, CupyDevice (CuPy on a
+# GPU, backends/cupy_device.py) or EmulatedDevice (the CPU emulator, below)
 # ----------------------------------------------------------------------------------------------
-
-#: storage dtype of each buffer dtype (bf16 lives as raw uint16 bits: neither CuPy nor numpy has it)
-NP_DTYPES = {"float32": np.float32, "bfloat16": np.uint16, "int32": np.int32, "float64": np.float64}
-
-
-def _launch_arg(v):
-    """A kernel argument as CuPy's RawKernel takes it: ints as int32, floats as float32, buffers by
-    address (np.int64 etc. pass through for `i64` parameters)."""
-    if v is None:
-        return np.uint64(0)
-    if isinstance(v, Ptr):
-        return np.uint64(int(v))
-    if isinstance(v, np.generic):
-        return v
-    if isinstance(v, bool):
-        return np.int32(int(v))
-    if isinstance(v, int):
-        return np.int32(v)
-    if isinstance(v, float):
-        return np.float32(v)
-    return np.uint64(v.data.ptr)  # a cupy array
-
-
-class CupyDevice:
-    """A GPU through CuPy: cupy arrays, one non-blocking stream, the kernels as NVRTC cubins loaded
-    by RawModule (or CuPy's own NVRTC), prefill GEMMs on cuBLAS, decode steps as CUDA graphs.
-
-    Buffers are cupy arrays; `ptr` is a raw address (Ptr) that kernels and cuBLAS take."""
-
-    kind = "cuda"
-
-    def __init__(self, device: str | None, compiler: str | None):
-        import cupy as cp
-
-        self.cp = cp
-        dev_id = 0
-        if device:
-            if not device.startswith("cuda"):
-                raise NemohError(f"cupy backend runs on CUDA devices only, got device {device!r}")
-            dev_id = int(device.split(":")[1]) if ":" in device else 0
-        cp.cuda.Device(dev_id).use()
-        self.id = dev_id
-        self.stream = cp.cuda.Stream(non_blocking=True)
-        self.n_sm = cp.cuda.runtime.getDeviceProperties(dev_id)["multiProcessorCount"]
-        self._one = np.ones(1, np.float32)
-        self._zero = np.zeros(1, np.float32)
-        self.kernels, self.route = self._load_kernels(cp.cuda.Device(dev_id).compute_capability, compiler)
-
-    def _load_kernels(self, cap: str, route: str | None) -> tuple[dict[str, Any], str]:
-        cp = self.cp
-        if route is None:
-            route = "nemoh" if cc.toolchain_candidates() else "cupy"
-        modules = {}
-        if route == "nemoh":
-            tc = cc.find_toolchain()
-            cubins = cc.compile_all(f"sm_{cap}", tc)
-            cache = Path(os.environ.get("NEMOH_CACHE", Path.home() / ".cache" / "nemoh")) / "cupy-kernels"
-            cache.mkdir(parents=True, exist_ok=True)
-            for file, code in cubins.items():
-                path = cache / f"{Path(file).stem}-sm_{cap}-{hashlib.sha256(code).hexdigest()[:16]}.cubin"
-                if not path.is_file():
-                    with tempfile.NamedTemporaryFile(dir=cache, delete=False) as f:
-                        f.write(code)
-                    os.replace(f.name, path)
-                modules[file] = cp.RawModule(path=str(path))
-            desc = f"nemoh (NVRTC {'.'.join(map(str, tc.version))}, {tc.origin}, sm_{cap} cubin)"
-        else:
-            cands = cc.toolchain_candidates()
-            includes = [cands[0].include] if cands else []
-            if not includes:
-                cuda_path = cp.cuda.get_cuda_path()
-                if cuda_path and (Path(cuda_path) / "include" / "cuda_bf16.h").is_file():
-                    includes = [str(Path(cuda_path) / "include")]
-            opts = tuple(cc.nvrtc_options(None, includes))
-            for file in cc.KERNELS:
-                modules[file] = cp.RawModule(code=cc.source(file), options=opts, backend="nvrtc")
-            desc = f"cupy (RawModule code, CuPy's NVRTC, includes {includes or 'CuPy defaults'})"
-        kernels = {}
-        for file, mod in modules.items():
-            for entry in cc.entry_points(file):
-                try:
-                    k = mod.get_function(entry)
-                    getattr(k, "kernel", None)  # RawKernel resolves its function lazily: do it now, not in a capture
-                    kernels[entry] = k
-                except Exception as e:
-                    raise NemohError(f"cupy backend: kernel {entry} missing from {file} ({e})") from None
-        return kernels, desc
-
-    # buffers and copies
-    def scope(self):
-        """Context in which the backend's launches and copies go to the device's stream."""
-        return self.stream
-
-    def synchronize(self) -> None:
-        self.dev.synchronize()
-
-    def empty(self, shape, dtype: str):
-        return self.cp.empty(shape, dtype=NP_DTYPES[dtype])
-
-    def zeros(self, shape, dtype: str):
-        a = self.empty(shape, dtype)
-        a.fill(0)
-        return a
-
-    def upload(self, h: np.ndarray):
-        return self.cp.asarray(h)
-
-    def download(self, a) -> np.ndarray:
-        h = a.get(stream=self.stream)
-        self.dev.synchronize()
-        return np.ascontiguousarray(h)
-
-    def write(self, a, h: np.ndarray) -> None:
-        """Copy host array `h` into device buffer `a` (same shape), asynchronously on the stream."""
-        a.set(h, stream=self.stream)
-
-    def contiguous(self, a):
-        return self.cp.ascontiguousarray(a)
-
-    # addresses
-    def ptr(self, a, elem_offset: int = 0) -> Ptr:
-        return Ptr(a.data.ptr + elem_offset * a.itemsize)
-
-    def advance(self, p: Ptr, elems: int, itemsize: int) -> Ptr:
-        return Ptr(int(p) + elems * itemsize)
-
-    def addr(self, p) -> int:
-        return int(p) if isinstance(p, int) else int(p.data.ptr)
-
-    # work
-    def launch(self, kern, launch: Launch, args) -> None:
-        kern(launch.grid, launch.block, tuple(_launch_arg(a) for a in args), shared_mem=launch.shared_mem)
-
-    def gemm(self, dtype: str, x: Ptr, ldx: int, w: Ptr, y: Ptr, ldy: int, M: int, N: int, K: int) -> None:
-        """y[M, N] = x[M, K] @ w[N, K]^T (row-major, leading dims ldx/K/ldy), fp32 accumulation."""
-        from cupy_backends.cuda.libs import cublas
-
-        t = CUDA_R_16BF if dtype == "bfloat16" else CUDA_R_32F
-        handle = self.cp.cuda.device.get_cublas_handle()
-        # column-major view: y^T [N, M] = w [K, N]^T-as-stored (op T) times x^T [K, M]
-        cublas.gemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, self._one.ctypes.data, int(w), t, K,
-                      int(x), t, ldx, self._zero.ctypes.data, int(y), t, ldy, CUBLAS_COMPUTE_32F,
-                      CUBLAS_GEMM_DEFAULT)
-
-    def begin_capture(self) -> None:
-        self.stream.begin_capture()
-
-    def end_capture(self):
-        return self.stream.end_capture()
-
-    def replay(self, graph) -> None:
-        graph.launch(self.stream)
-
-    def describe(self) -> dict[str, Any]:
-        cp = self.cp
-        dev = cp.cuda.Device()
-        props = cp.cuda.runtime.getDeviceProperties(dev.id)
-        name = props["name"]
-        return {"device": f"cuda:{dev.id}", "device_name": name.decode() if isinstance(name, bytes) else name,
-                "compute_capability": dev.compute_capability, "cupy": cp.__version__,
-                "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(), "cuda_driver": cp.cuda.runtime.driverGetVersion()}
-
 
 def _bf16_bits_to_f32(u: np.ndarray) -> np.ndarray:
     return (u.astype(np.uint32) << 16).view(np.float32)
@@ -498,7 +327,7 @@ class EmulatedDevice:
 
         self.emu, self.schedules = cuda_emu, schedules
         cuda_emu.build_all()
-        self.kernels = {e: e for file in cc.KERNELS for e in cc.entry_points(file)}
+        self.kernels: dict[str, Any] = {e: e for file in cc.KERNELS for e in cc.entry_points(file)}
         self.route = f"cpu emulator (g++ {cuda_emu.compiler_version()}, {schedules} schedule(s) per launch)"
         self._rec: list | None = None
 
@@ -539,7 +368,7 @@ class EmulatedDevice:
     def addr(self, p: np.ndarray) -> int:
         return p.__array_interface__["data"][0]
 
-    def launch(self, kern: str, launch: Launch, args) -> None:
+    def launch(self, kern: str, launch: LaunchShape, args) -> None:
         args = [int(a) if isinstance(a, bool) else a for a in args]
         if self._rec is not None:  # capturing: recorded, run at replay (as a CUDA graph)
             self._rec.append((kern, launch, args))
@@ -564,6 +393,8 @@ class EmulatedDevice:
 
     def end_capture(self) -> list:
         rec, self._rec = self._rec, None
+        if rec is None:
+            raise NemohError("emulated device: end_capture without begin_capture")
         return rec
 
     def replay(self, graph: list) -> None:
@@ -620,10 +451,22 @@ class CupyBackend:
             raise NemohError(f"cupy backend: compiler must be 'nemoh' or 'cupy', got {self.compiler!r}")
         if self.max_len < 1:
             raise NemohError(f"cupy backend: max_len must be positive, got {self.max_len}")
-        self.graph: Graph | None = None
+        self._graph: Graph | None = None
         self.p: dict[str, Any] = {}
         self.kernels: dict[str, Any] = {}
-        self.dev: CupyDevice | EmulatedDevice | None = None
+        self._dev: Device | None = None
+
+    @property
+    def dev(self) -> Device:
+        if self._dev is None:
+            raise NemohError(f"{self.name} backend: no device yet (load() or init_device() first)")
+        return self._dev
+
+    @property
+    def graph(self) -> Graph:
+        if self._graph is None:
+            raise NemohError(f"{self.name} backend: no model loaded (load() first)")
+        return self._graph
 
     # -- capabilities -------------------------------------------------------------------------
     def available(self) -> Support:
@@ -667,11 +510,11 @@ class CupyBackend:
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"backend": self.name, "cuda_graphs": self.cuda_graphs, "max_len": self.max_len,
-                             "compiler": self.dev.route if self.dev is not None else self.compiler or "auto"}
-        if self.graph is not None:
-            d["dtype"] = self.graph.dtype
-        if self.dev is not None:
-            d |= self.dev.describe()
+                             "compiler": self._dev.route if self._dev is not None else self.compiler or "auto"}
+        if self._graph is not None:
+            d["dtype"] = self._graph.dtype
+        if self._dev is not None:
+            d |= self._dev.describe()
         return d
 
     # -- loading ------------------------------------------------------------------------------
@@ -680,7 +523,7 @@ class CupyBackend:
         if not ok.ok:
             raise NemohError(f"cupy backend cannot run this model: {ok.reason}")
         self.init_device(graph.dtype, device)
-        self.graph = graph
+        self._graph = graph
         tensors = checkpoint.load(graph)
         with self.dev.scope():
             self.p = {k: self._upload(v) for k, v in tensors.items()}
@@ -694,12 +537,12 @@ class CupyBackend:
         tests/backends/test_cupy_gpu.py drives single kernels through this)."""
         if dtype not in DTYPES:
             raise NemohError(f"{self.name} backend: dtype {dtype} is not one of {', '.join(DTYPES)}")
-        self.dev = self._make_device(device)
+        self._dev = self._make_device(device)
         self.dtype = dtype
         self.isz = dtypes.ITEMSIZE[dtype]
         self.kernels = self.dev.kernels
 
-    def _make_device(self, device: str | None):
+    def _make_device(self, device: str | None) -> Device:
         return CupyDevice(device, self.compiler)
 
     def _k(self, stem: str):
@@ -732,24 +575,24 @@ class CupyBackend:
     def _run(self, kern, launch: Launch, *args) -> None:
         self.dev.launch(kern, launch, args)
 
-    def _ptr(self, a, elem_offset: int = 0) -> Ptr:
+    def _ptr(self, a, elem_offset: int = 0) -> Any:
         """Buffer `a` at element `elem_offset`, as a kernel or GEMM argument."""
         return self.dev.ptr(a, elem_offset)
 
-    def _gemm(self, x: Ptr, ldx: int, w: Ptr, y: Ptr, ldy: int, M: int, N: int, K: int) -> None:
+    def _gemm(self, x: Any, ldx: int, w: Any, y: Any, ldy: int, M: int, N: int, K: int) -> None:
         """y[M, N] = x[M, K] @ w[N, K]^T (row-major), fp32 accumulation, output rounded to the dtype."""
         if M == 0:
             return
         self.dev.gemm(self.dtype, x, ldx, w, y, ldy, M, N, K)
 
-    def _gemv(self, w: Ptr, x: Ptr, ldx: int, y: Ptr, ldy: int, R: int, Cc: int, M: int, act: bool) -> None:
+    def _gemv(self, w: Any, x: Any, ldx: int, y: Any, ldy: int, R: int, Cc: int, M: int, act: bool) -> None:
         kern = self._k("gemv")
         for s, n in row_chunks(M):
             xs, ys = self.dev.advance(x, s * ldx, self.isz), self.dev.advance(y, s * ldy, self.isz)
             vec = vec_ok(Cc, self.isz, self.dev.addr(w), Cc, self.dev.addr(xs), ldx)
             self._run(kern, launch_gemv(R), w, xs, ldx, ys, ldy, R, Cc, n, int(act), int(vec))
 
-    def _linear(self, name: str, x: Ptr, ldx: int, y: Ptr, ldy: int, M: int, act: bool = False,
+    def _linear(self, name: str, x: Any, ldx: int, y: Any, ldy: int, M: int, act: bool = False,
                 decode: bool = False) -> None:
         """A linear layer (no bias: check_graph refuses biases). Decode steps and up to 8 rows: the
         GEMV kernel (capturable, 8 rows per launch); more: cuBLAS, then the squared-ReLU epilogue."""
@@ -964,7 +807,7 @@ class CupyBackend:
             rec(pre + "out_proj", out)
         return out
 
-    def _attention_prefill(self, layer: Layer, h, st: CupyState, mask_d, len_p: Ptr, B: int, T: int, rec):
+    def _attention_prefill(self, layer: Layer, h, st: CupyState, mask_d, len_p: Any, B: int, T: int, rec):
         c, i, pre = self.graph.config, layer.index, f"layers.{layer.index}.mixer."
         a = next(o for o in layer.ops if o.kind == "attention").a
         Q, KV, Dh = a["heads"], a["kv_heads"], a["head_dim"]
@@ -1083,6 +926,12 @@ class CupyBackend:
         st.splits = splits
         st.epoch += 1
 
+    @staticmethod
+    def _dec(st: CupyState) -> dict[str, Any]:
+        if st.dec is None:
+            raise NemohError("cupy backend: a decode step before its buffers were made")
+        return st.dec
+
     def _decode(self, st: CupyState, ids: torch.Tensor, m: np.ndarray, rec):
         B = st.batch
         self._decode_buffers(st)
@@ -1104,7 +953,7 @@ class CupyBackend:
             graph = st.graph.graph
             self.dev.replay(graph)
             st.graph.replayed()
-        out = self._download(st.dec["logits"], self.dtype)
+        out = self._download(self._dec(st)["logits"], self.dtype)
         if rec:
             rec.put("lm_head", out.view(B, 1, -1))
         return out
@@ -1112,7 +961,7 @@ class CupyBackend:
     def _decode_kernels(self, st: CupyState, rec) -> None:
         """One token for each of the B rows, from st.ctrl (ids | mask | cached length) into
         st.dec["logits"]; only static buffers, so the same launches can be captured as a graph."""
-        g, c, d = self.graph, self.graph.config, st.dec
+        g, c, d = self.graph, self.graph.config, self._dec(st)
         B, D = st.batch, c.hidden_size
         ids_p, mask_p, len_p = self._ptr(st.ctrl), self._ptr(st.ctrl, B), self._ptr(st.ctrl, 2 * B)
         x, h = d["x"], d["h"]
@@ -1213,7 +1062,7 @@ class CupyEmulatedBackend(CupyBackend):
                               "(apt-get install g++, or set NEMOH_EMU_CXX)")
         return Support.yes()
 
-    def _make_device(self, device: str | None) -> EmulatedDevice:
+    def _make_device(self, device: str | None) -> Device:
         if device not in (None, "cpu"):
             raise NemohError(f"cupy-emulated backend runs on the CPU, got device {device!r}")
         return EmulatedDevice(self.schedules)
@@ -1287,7 +1136,7 @@ def decode_roofline(graph: Graph, batch: int = 1, context: int = 1) -> dict[str,
             add("moe_gemv", base + 2 * B * kk * (I + L) * e, oc.flops)
             add("moe_combine", B * kk * (L * e + 4) + B * L * e, 2 * B * kk * L)  # the weighted sum
         # split, relu2 and add are fused into the launches above: no memory traffic of their own
-    return {k: tuple(v) for k, v in rows.items()}
+    return {k: (v[0], v[1], v[2]) for k, v in rows.items()}
 
 
 def _roofline_main(argv: list[str]) -> int:

@@ -176,14 +176,13 @@ def toolchain_candidates() -> list[Toolchain]:
         inc = env_inc or ""
         out.append(Toolchain(env_lib, inc, "env"))
     for root in _nvidia_roots():
-        lib = _first(sorted((root / "cuda_nvrtc" / "lib").glob("libnvrtc.so.12*")))
-        inc = root / "cuda_runtime" / "include"
-        if lib and (inc / "cuda_bf16.h").is_file():
-            out.append(Toolchain(str(lib), str(inc), "wheel-cu12"))
-        lib = _first(sorted((root / "cu13" / "lib").glob("libnvrtc.so.13*")))
-        inc = root / "cu13" / "include"
-        if lib and (inc / "cuda_bf16.h").is_file():
-            out.append(Toolchain(str(lib), str(inc), "wheel-cu13"))
+        for libdir, pattern, incdir, origin in (
+                ("cuda_nvrtc/lib", "libnvrtc.so.12*", "cuda_runtime/include", "wheel-cu12"),
+                ("cu13/lib", "libnvrtc.so.13*", "cu13/include", "wheel-cu13")):
+            lib = _first(sorted((root / libdir).glob(pattern)))
+            wheel_inc = root / incdir
+            if lib and (wheel_inc / "cuda_bf16.h").is_file():
+                out.append(Toolchain(str(lib), str(wheel_inc), origin))
     homes = [os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
     for home in dict.fromkeys(h for h in homes if h):
         h = Path(home)

@@ -40,12 +40,15 @@ import tempfile
 import threading
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from nemoh.runtime.backend import BackendBase, Support
+
+if TYPE_CHECKING:
+    from nemoh.model.ir import Graph
 
 WEIGHTS_FOR_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 STATE_EXPORT_REASON = ("llama.cpp keeps the carried conv/SSM/KV state inside its memory modules; its public "
@@ -84,15 +87,22 @@ class _Worker:
     def request(self, *msg):
         with self.lock:
             try:
-                pickle.dump(msg, self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-                self.proc.stdin.flush()
-                reply = pickle.load(self.proc.stdout)
+                stdin, stdout = self._pipes()
+                pickle.dump(msg, stdin, protocol=pickle.HIGHEST_PROTOCOL)
+                stdin.flush()
+                reply = pickle.load(stdout)
             except (EOFError, BrokenPipeError, OSError, pickle.UnpicklingError):
                 raise self._crashed(msg[0]) from None
         if reply[0] == "ok":
             return reply[1]
         said = [ln.strip() for ln in self.log_tail(40) if "error" in ln.lower() or "failed" in ln.lower()][-3:]
         raise RuntimeError(f"llama.cpp worker: {reply[1]}" + (f"; llama.cpp said: {' | '.join(said)}" if said else ""))
+
+    def _pipes(self) -> tuple[IO[bytes], IO[bytes]]:
+        stdin, stdout = self.proc.stdin, self.proc.stdout
+        if stdin is None or stdout is None:  # Popen was given PIPE for both: never, unless closed
+            raise OSError("the llama.cpp worker's pipes are closed")
+        return stdin, stdout
 
     def _crashed(self, op: str) -> WorkerCrashed:
         try:
@@ -123,8 +133,9 @@ class _Worker:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             if self.proc.poll() is None:
-                pickle.dump(("exit",), self.proc.stdin)
-                self.proc.stdin.close()
+                stdin, _ = self._pipes()
+                pickle.dump(("exit",), stdin)
+                stdin.close()
                 self.proc.wait(timeout=5)
         with contextlib.suppress(Exception):
             if self.proc.poll() is None:
@@ -155,7 +166,7 @@ class LlamaCppBackend(BackendBase):
                  kv_type: str | None = None, flash_attn: int | None = None, repack: bool | None = None):
         env = os.environ.get
         self.weights = (weights or env("NEMOH_LLAMACPP_WEIGHTS") or "").upper() or None
-        self.opts = {
+        self.opts: dict[str, Any] = {
             "n_ctx": n_ctx or int(env("NEMOH_LLAMACPP_N_CTX", "8192")),
             "n_seq_max": n_seq_max or int(env("NEMOH_LLAMACPP_N_SEQ", "64")),
             "n_batch": n_batch or int(env("NEMOH_LLAMACPP_N_BATCH", "2048")),
@@ -174,8 +185,8 @@ class LlamaCppBackend(BackendBase):
         self._pending: list[int] = []
         self.gguf: Path | None = None
         self.info: dict[str, Any] = {}
-        self.graph = None
-        self._reader = None
+        self.graph: Graph | None = None
+        self._reader: Any = None  # llamacpp_gguf.GgufTensors, made on first read_param
 
     # -- capabilities ----------------------------------------------------------------------------
     def available(self) -> Support:
@@ -211,10 +222,10 @@ class LlamaCppBackend(BackendBase):
         if self._w is None or self._w.proc.poll() is not None:
             if self._w is not None:
                 self._w.close()
-            self._w = _Worker()
-            self.info = self._w.request("info")
+            self._w = w = _Worker()
+            self.info = w.request("info")
             if self.gguf is not None:
-                self._load_worker()
+                self._load_worker(w)
         return self._w
 
     def _call(self, *msg):
@@ -231,9 +242,9 @@ class LlamaCppBackend(BackendBase):
             self._free, self._pending = list(range(self.opts["n_seq_max"])), []
             raise
 
-    def _load_worker(self) -> None:
+    def _load_worker(self, w: _Worker) -> None:
         o = self.opts
-        self.model_info = self._w.request("load", str(self.gguf), {
+        self.model_info = w.request("load", str(self.gguf), {
             "n_ctx": o["n_ctx"], "n_batch": o["n_batch"], "n_ubatch": o["n_ubatch"], "n_seq_max": o["n_seq_max"],
             "threads": o["threads"], "type_kv": GGML_TYPES[o["kv"]], "flash_attn": o["flash_attn"],
             "repack": o["repack"]})
@@ -277,9 +288,22 @@ class LlamaCppBackend(BackendBase):
         if self.model_info["n_vocab"] < graph.config.vocab_size:
             raise ValueError(f"the GGUF has {self.model_info['n_vocab']} tokens, the model {graph.config.vocab_size}")
 
+    def _graph(self) -> Graph:
+        """The loaded graph; a method that needs it before `load` says so."""
+        if self.graph is None:
+            raise RuntimeError(f"backend '{self.name}' has no model loaded (call load first)")
+        return self.graph
+
+    def _gguf_path(self) -> Path:
+        """The loaded model's GGUF file; a method that needs it before `load` says so."""
+        if self.gguf is None:
+            raise RuntimeError(f"backend '{self.name}' has no GGUF loaded (call load first)")
+        return self.gguf
+
     def _load_worker_fresh(self) -> None:
         # a worker that already holds a model (or only quantized): start clean, one model per process
-        self._w.close()
+        if self._w is not None:
+            self._w.close()
         self._w = None
         self._worker()
 
@@ -330,7 +354,7 @@ class LlamaCppBackend(BackendBase):
         self._check(state)
         self._flush()
         B, T = ids.shape
-        V = self.graph.config.vocab_size
+        V = self._graph().config.vocab_size
         m = torch.ones(B, T, dtype=torch.bool) if mask is None else mask.bool()
         rows, where = [], []
         for b in range(B):
@@ -351,7 +375,7 @@ class LlamaCppBackend(BackendBase):
                 with self.at("llama_decode (traced)"):
                     lg, tr = self._call("decode", [row], last_only, True)
                 parts.append((r, lg[0], tr))
-        D = self.graph.config.hidden_size
+        D = self._graph().config.hidden_size
         for (b, real), lg, tr in parts:
             t = torch.from_numpy(np.ascontiguousarray(lg[:, :V]))
             if last_only:
@@ -369,7 +393,7 @@ class LlamaCppBackend(BackendBase):
                     elif kind == "nemotron_h_block_out":
                         key = f"layers.{il}"
                     else:  # the mixer's output, feeding the residual add: the IR op before `residual`
-                        key = self.graph.layers[int(il)].ops[-2].name
+                        key = self._graph().layers[int(il)].ops[-2].name
                     if arr.shape[0] != real.numel() or arr.shape[1] != D:
                         continue
                     buf = trace.setdefault(key, torch.zeros(B, T, D))
@@ -388,8 +412,8 @@ class LlamaCppBackend(BackendBase):
         from nemoh.backends import llamacpp_gguf as gg
 
         if self._reader is None:
-            self._reader = gg.GgufTensors(self.gguf)
-        return self._reader.read_param(name, self.graph)
+            self._reader = gg.GgufTensors(self._gguf_path())
+        return self._reader.read_param(name, self._graph())
 
     def param_transform(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """What the conversion does to the checkpoint's tensor `name` (so the weights suite compares the same
@@ -399,7 +423,7 @@ class LlamaCppBackend(BackendBase):
         if name.endswith("mixer.A_log"):
             return -torch.exp(t.float())
         if name.endswith(("mixer.q_proj.weight", "mixer.k_proj.weight")):
-            c = self.graph.config
+            c = self._graph().config
             n = c.num_attention_heads if name.endswith("q_proj.weight") else c.num_key_value_heads
             return t.reshape(n, 2, t.shape[0] // n // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
         return t

@@ -152,14 +152,20 @@ def llama_commit() -> str:
 
 
 def checkpoint_hash(path: Path) -> str:
-    """sha256 over config.json and the safetensors files (their bytes), first 16 hex digits."""
+    """sha256 over every file the conversion can read (their relative names and bytes), first 16 hex
+    digits. `convert` hands the converter every entry of the directory (config.json, the safetensors,
+    and the tokenizer files: tokenizer.json, tokenizer_config.json, vocab, merges, special tokens,
+    chat template, generation config), so all of them are in the key: a new vocabulary is a new GGUF.
+    Hidden entries (a hub download's `.cache/`) are left out; the converter reads none of them."""
     h = hashlib.sha256()
-    for f in sorted(path.iterdir()):
-        if f.name == "config.json" or f.suffix == ".safetensors":
-            h.update(f.name.encode())
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
+    files = sorted(f for f in path.rglob("*")
+                   if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts))
+    for f in files:
+        h.update(f.relative_to(path).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        h.update(b"\0")
     return h.hexdigest()[:16]
 
 

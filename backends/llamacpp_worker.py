@@ -29,6 +29,7 @@ import pickle
 import re
 import sys
 import traceback
+from typing import Any
 
 import numpy as np
 
@@ -74,7 +75,7 @@ class Worker:
                 if nb[0] == 4 and nb[1] == 4 * ne[0]:
                     n = ne[0] * ne[1]
                     buf = (ctypes.c_float * n).from_address(ten.data)
-                    self.trace[name.decode()] = np.frombuffer(buf, dtype=np.float32).reshape(ne[1], ne[0]).copy()
+                    self.trace[name.decode()] = np.ctypeslib.as_array(buf).reshape(ne[1], ne[0]).copy()  # float32
             return True
         except Exception as e:  # never let an exception cross the C boundary
             self.trace_error = f"{type(e).__name__}: {e}"
@@ -122,7 +123,7 @@ class Worker:
         """rows: [(seq_id, tokens, pos0)] -> per row an array [n, V] (or [1, V]); plus the trace."""
         L = self.L
         flat = [(r, i, seq, tok, pos0 + i) for r, (seq, toks, pos0) in enumerate(rows) for i, tok in enumerate(toks)]
-        outs = [[] for _ in rows]
+        outs: list[list[np.ndarray]] = [[] for _ in rows]
         self.trace, self.trace_error, self.tracing = {}, "", bool(trace)
         traces: dict[str, list[np.ndarray]] = {}
         try:
@@ -158,7 +159,8 @@ class Worker:
         finally:
             self.tracing = False
         logits = [np.stack(o) if o else np.zeros((0, self.n_vocab), np.float32) for o in outs]
-        tr = {k: np.concatenate(v) for k, v in traces.items()} if trace else None
+        # the trace by tensor name, or {"__error__": message} when the callback failed
+        tr: dict[str, Any] | None = {k: np.concatenate(v) for k, v in traces.items()} if trace else None
         if trace and self.trace_error:
             tr = {"__error__": self.trace_error}
         return logits, tr
@@ -207,7 +209,7 @@ def main() -> None:
                 w = Worker()
             if op == "exit":
                 return
-            reply = ("ok", getattr(w, op)(*args))
+            reply: tuple[Any, ...] = ("ok", getattr(w, op)(*args))
         except Exception as e:
             reply = ("err", f"{type(e).__name__}: {e}", traceback.format_exc(limit=3))
         pickle.dump(reply, proto, protocol=pickle.HIGHEST_PROTOCOL)

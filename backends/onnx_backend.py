@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -152,8 +152,8 @@ def _probe(dtype: str, providers: tuple) -> dict[str, Support]:
 
 @dataclass
 class OnnxState:
-    tensors: dict[str, Any] = field(default_factory=dict)  # StateSpec name -> OrtValue on the session device
-    mask: torch.Tensor | None = None  # [B, S] bool on the host, True for real cached tokens
+    tensors: dict[str, Any]  # StateSpec name -> OrtValue on the session device
+    mask: torch.Tensor  # [B, S] bool on the host, True for real cached tokens
     batch: int = 1
 
 
@@ -164,8 +164,8 @@ class OnnxBackend(BackendBase):
 
     def __init__(self) -> None:
         self.graph: Graph | None = None
-        self.session = None
-        self._trace_session = None
+        self.session: Any = None  # an onnxruntime.InferenceSession once loaded
+        self._trace_session: Any = None
         self._checkpoint: Checkpoint | None = None
         self._inits: dict[str, Any] = {}
         self._base: Path | None = None  # the directory of the model file the session runs
@@ -209,11 +209,12 @@ class OnnxBackend(BackendBase):
         if self.session is None:
             d["device"] = "not loaded"
             return d
-        providers = self.session.get_providers()
+        graph, session, base = self._loaded()
+        providers = session.get_providers()
         d.update(device=self.device_type if self.device_type == "cpu" else f"{self.device_type}:{self.device_id}",
-                 provider=providers[0], providers=providers, dtype=self.graph.dtype,
-                 model_file=str(self._base / "model.onnx"),
-                 intra_op_threads=self.session.get_session_options().intra_op_num_threads or "default (physical cores)")
+                 provider=providers[0], providers=providers, dtype=graph.dtype,
+                 model_file=str(base / "model.onnx"),
+                 intra_op_threads=session.get_session_options().intra_op_num_threads or "default (physical cores)")
         return d
 
     # -- loading ------------------------------------------------------------------------------
@@ -251,8 +252,9 @@ class OnnxBackend(BackendBase):
                              f"{', '.join(sorted(bad))} are not supported (first: {first}); try another --dtype")
         self._checkpoint = checkpoint
         model = onnx_export.lower_graph(graph, checkpoint.load(graph))
-        self.session, self._inits, self._base = self._open(model, onnx_export, providers)
-        used = self.session.get_providers()[0]
+        session, self._inits, self._base = self._open(model, onnx_export, providers)
+        self.session = session
+        used = session.get_providers()[0]
         if self.device_type == "cuda" and used != "CUDAExecutionProvider":
             if device is not None:
                 raise NemohError(f"device '{device}': onnxruntime fell back to {used} (is a GPU visible?)")
@@ -273,6 +275,17 @@ class OnnxBackend(BackendBase):
         light = onnx.load(str(path), load_external_data=False)  # read_param reads the file back
         return _make_session(str(path), providers), {t.name: t for t in light.graph.initializer}, path.parent
 
+    def _loaded(self) -> tuple[Graph, Any, Path]:
+        """(graph, session, model dir) of the loaded model."""
+        if self.graph is None or self.session is None or self._base is None:
+            raise RuntimeError("no model loaded: call load(graph, checkpoint) first")
+        return self.graph, self.session, self._base
+
+    def _graph(self) -> Graph:
+        if self.graph is None:
+            raise RuntimeError("no model loaded: call load(graph, checkpoint) first")
+        return self.graph
+
     def read_param(self, name: str) -> torch.Tensor:
         from .onnx_ops import tensor_from_proto
 
@@ -287,8 +300,9 @@ class OnnxBackend(BackendBase):
         return ort.OrtValue.ortvalue_from_numpy(a, self.device_type, self.device_id)
 
     def new_state(self, batch: int) -> OnnxState:
-        feeds = _zero_feeds(self.graph, batch, 1)
-        return OnnxState({s.name: self._ortvalue(feeds[f"past.{s.name}"]) for s in self.graph.states},
+        g = self._graph()
+        feeds = _zero_feeds(g, batch, 1)
+        return OnnxState({s.name: self._ortvalue(feeds[f"past.{s.name}"]) for s in g.states},
                          torch.zeros(batch, 0, dtype=torch.bool), batch)
 
     def copy_state(self, state: OnnxState) -> OnnxState:
@@ -302,20 +316,24 @@ class OnnxBackend(BackendBase):
         return out
 
     def import_state(self, tensors: dict[str, torch.Tensor]) -> OnnxState:
-        missing = [s.name for s in self.graph.states if s.name not in tensors] + (
+        g = self._graph()
+        missing = [s.name for s in g.states if s.name not in tensors] + (
             [] if "mask" in tensors else ["mask"])
         if missing:
             raise NemohError(f"onnx backend: state to import lacks {', '.join(missing)}")
         mask = tensors["mask"].cpu().bool().clone()
         return OnnxState({s.name: self._ortvalue(_to_numpy(tensors[s.name].to(dtypes.torch_dtype(s.dtype))))
-                          for s in self.graph.states}, mask, mask.shape[0])
+                          for s in g.states}, mask, mask.shape[0])
 
     # -- compute ------------------------------------------------------------------------------
     def _tracing_session(self):
         if self._trace_session is None:
             from .onnx_export import lower_graph, save
 
-            model = lower_graph(self.graph, self._checkpoint.load(self.graph), trace=True)
+            g = self._graph()
+            if self._checkpoint is None or self._tmp is None:
+                raise RuntimeError("no model loaded: call load(graph, checkpoint) first")
+            model = lower_graph(g, self._checkpoint.load(g), trace=True)
             path = save(model, Path(self._tmp.name) / "trace")  # a file, as the main session
             self._trace_session = _make_session(str(path), self._providers)
         return self._trace_session
@@ -324,10 +342,11 @@ class OnnxBackend(BackendBase):
                 last_only: bool = False, trace: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         from .onnx_export import TRACE_PREFIX
 
+        graph, session, _ = self._loaded()
         B, T = ids.shape
         m = torch.ones(B, T, dtype=torch.bool) if mask is None else mask.cpu().bool()
         key_mask = torch.cat([state.mask, m], dim=1)  # [B, S+T]: the graph's attention_mask
-        sess = self.session if trace is None else self._tracing_session()
+        sess = session if trace is None else self._tracing_session()
         io = sess.io_binding()
         ids_np = ids.cpu().to(torch.int64).contiguous().numpy()
         mask_np = key_mask.to(torch.int64).numpy()
@@ -335,7 +354,7 @@ class OnnxBackend(BackendBase):
         io.bind_cpu_input("attention_mask", mask_np)
         keep = np.array(1 if last_only else 0, np.int64)  # last_only: the head runs on one position
         io.bind_cpu_input("logits_to_keep", keep)
-        names = [s.name for s in self.graph.states]
+        names = [s.name for s in graph.states]
         for n in names:
             io.bind_ortvalue_input(f"past.{n}", state.tensors[n])
         io.bind_output("logits", "cpu")
@@ -347,13 +366,14 @@ class OnnxBackend(BackendBase):
         try:
             sess.run_with_iobinding(io)
         except Exception as e:  # wrap with what ran, so a failure names shape, dtype and provider
-            raise RuntimeError(f"onnx backend ({self.describe().get('provider')}, {self.graph.dtype}): forward of "
+            raise RuntimeError(f"onnx backend ({self.describe().get('provider')}, {graph.dtype}): forward of "
                                f"ids {list(ids.shape)} with {state.mask.shape[1]} cached tokens failed: "
                                f"{_first_line(e)}") from e
         outs = io.get_outputs()  # in binding order
         logits = _to_torch(outs[0].numpy())
         state.tensors = dict(zip(names, outs[1:1 + len(names)]))
         state.mask = key_mask
-        for n, v in zip(traced, outs[1 + len(names):]):
-            trace[n.removeprefix(TRACE_PREFIX)] = _to_torch(v.numpy())
+        if trace is not None:  # traced is empty otherwise
+            for n, v in zip(traced, outs[1 + len(names):]):
+                trace[n.removeprefix(TRACE_PREFIX)] = _to_torch(v.numpy())
         return logits

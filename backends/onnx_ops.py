@@ -228,6 +228,8 @@ class Lowering:
             xs = b.op("Slice", full, b.i64(k), b.i64(k - (K - 1) if k < K - 1 else BIG), b.i64(1))  # [B, T, C]
             term = b.op("Mul", xs, b.op("Gather", wk, b.const(k, torch.int64), axis=0))
             y = term if y is None else b.op("Add", y, term)
+        if y is None:
+            raise ValueError(f"conv1d {name}: kernel size must be >= 1, got K={K}")
         if bias is not None:
             y = b.op("Add", y, bias)
         return [b.op("Mul", self.silu(y), m)]  # and zeroed after it

@@ -27,7 +27,7 @@ class TorchState:
     ssm: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, H, P, N], fp32
     k: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, S, KV, Dh]
     v: dict[int, torch.Tensor] = field(default_factory=dict)
-    mask: torch.Tensor | None = None  # [B, S] bool, True for real tokens
+    mask: torch.Tensor = field(kw_only=True)  # [B, S] bool, True for real tokens; every state has one
     batch: int = 1
 
 
@@ -114,9 +114,14 @@ class TorchBackend(BackendBase):
     def read_param(self, name: str) -> torch.Tensor:
         return self.p[name].detach().cpu().clone()
 
+    def _loaded(self) -> Graph:
+        if self.graph is None:
+            raise RuntimeError("no model loaded: call load(graph, checkpoint) first")
+        return self.graph
+
     # -- state --------------------------------------------------------------------------------
     def new_state(self, batch: int) -> TorchState:
-        g = self.graph
+        g = self._loaded()
         st = TorchState(batch=batch, mask=torch.zeros(batch, 0, dtype=torch.bool, device=self.device))
         for l in g.layers:
             for s in l.states:
@@ -153,7 +158,7 @@ class TorchBackend(BackendBase):
     @torch.inference_mode()
     def forward(self, state: TorchState, ids: torch.Tensor, mask: torch.Tensor | None = None, *,
                 last_only: bool = False, trace: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        g = self.graph
+        g = self._loaded()
         ids = ids.to(self.device)
         B, T = ids.shape
         m = torch.ones(B, T, dtype=torch.bool, device=self.device) if mask is None else mask.to(self.device).bool()

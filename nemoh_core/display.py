@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
+import unicodedata
 from typing import Any
 
 MISSING = "–"
@@ -70,6 +71,21 @@ def pct(fraction: Any) -> str:
 def ratio(x: Any) -> str:
     """A speed ratio, '1.44x'."""
     return MISSING if not _finite(x) else f"{x:.2f}x"
+
+
+def printable(text: str) -> tuple[str, int]:
+    """`text` safe for a terminal: control and format characters (an escape sequence could rewrite the
+    screen) and U+FFFD (bytes that did not decode as UTF-8 on their own) shown as their escapes
+    (`\\x1f`, `\\ufffd`); newlines and tabs kept. Returns (text, how many characters were escaped)."""
+    out, n = [], 0
+    for ch in text:
+        if ch in "\n\t" or (ch != "\ufffd" and unicodedata.category(ch)[0] != "C"):
+            out.append(ch)
+            continue
+        n += 1
+        o = ord(ch)
+        out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
+    return "".join(out), n
 
 
 class _NoProgress:

@@ -134,16 +134,31 @@ def _mib(x: Any) -> str:
     return "–" if x is None else f"{x / 2 ** 20:.1f}"
 
 
+def _plain(v: Any) -> str:
+    """A value as a person reads it, not as JSON: lists joined with commas, a nested mapping as
+    `key value` pairs, None as a dash, booleans as yes/no."""
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, dict):
+        return "; ".join(f"{k} {_plain(x)}" for k, x in v.items()) or "–"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_plain(x) for x in v) or "–"
+    if isinstance(v, float):
+        return display.num(v)
+    return str(v)
+
+
 def render(result: dict[str, Any]) -> str:
     """The page for one nemoh-bench result (a dict as written by nemoh-bench --json)."""
     import jinja2
 
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
                              lstrip_blocks=True)
-    env.filters.update(si=display.si, ms=display.ms, pct=display.pct, num=_num, mib=_mib)
+    env.filters.update(si=display.si, ms=display.ms, pct=display.pct, num=_num, mib=_mib, plain=_plain)
     text = resources.files("nemoh.reports").joinpath("templates", TEMPLATE).read_text(encoding="utf-8")
-    return env.from_string(text).render(r=result, plots=plots(result),
-                                        json_pretty=json.dumps(result["settings"], indent=1))
+    return env.from_string(text).render(r=result, plots=plots(result))
 
 
 def write_html(result: dict[str, Any], path: str | Path) -> Path:

@@ -138,7 +138,10 @@ def _generations(case: Case, ctx, ours_lm, ours: list[dict], ref: list[dict], dt
         texts.append({"doc_id": a["doc_id"], "text": ta, "reference_text": tb, "same": ta == tb,
                       "answers": a.get("filtered_resps"), "reference_answers": b.get("filtered_resps")})
         if ta != tb:
-            parted.append(_parting(ctx, ours_lm, _prompt(ours, a["doc_id"]), case.p["max_gen_toks"]) |
+            prompt = _prompt(ours, a["doc_id"])
+            if prompt is None:
+                raise ValueError(f"eval_parity: no prompt for doc_id {a['doc_id']!r} in the backend's samples")
+            parted.append(_parting(ctx, ours_lm, prompt, case.p["max_gen_toks"]) |
                           {"doc_id": a["doc_id"]})
     n = len(texts)
     same = sum(t["same"] for t in texts) / n
@@ -164,8 +167,8 @@ def _parting(ctx, ours_lm, prompt: str, n: int) -> dict:
     from nemoh.runtime.session import greedy_generate
 
     ids = torch.tensor([ours_lm.tok_encode(prompt)])
-    toks, logits = greedy_generate(ctx.model, ids, n)
-    toks = toks[0].tolist()
+    ours, logits = greedy_generate(ctx.model, ids, n)  # [1, n], [1, n, V]
+    toks = ours[0].tolist()
     out = ctx.ref.hf(ctx.dtype).generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
         eos_token_id=None, pad_token_id=0, return_dict_in_generate=True, output_logits=True)

@@ -2,16 +2,23 @@
 K-1, a short multi-token chunk (< K-1 tokens) after a full conv window, chunk_size - 1,
 chunk_size + 1, three or more chunks, and random partitions drawn from a recorded seed, a failing
 one shrunk to the simplest split that still fails): the logits and the carried conv, SSM and KV
-state must agree."""
+state must agree. The splits are shared between a batch of one (the most common way a model runs)
+and a batch of two, and one left-padded batch mixes sequences of three lengths."""
 
 from __future__ import annotations
 
 import random
 
+import torch
+
 from nemoh.conformance.case import Case, Metric, Result, Suite, badness, equiv_metrics, judge, state_metrics
 from nemoh.runtime.backend import capability
 
-B = 2
+#: each split runs at one batch size (chosen, not multiplied: an engine can be wrong at B=1 only, e.g.
+#: taking its no-initial-state path for a single sequence, or at B>1 only)
+BATCH = {"1+rest": 2, "K-1+rest": 1, "K-2,1,rest": 1, "chunk+1,K-2,rest": 1, "chunk-1+rest": 1,
+         "chunk+1+rest": 2, "chunk,chunk,rest": 2, "1x6+rest": 2}
+RANDOM_SEEDS = {1: 1, 2: 2}  # seed -> batch size
 
 
 def length(ctx) -> int:
@@ -34,25 +41,60 @@ def fixed_splits(ctx) -> dict[str, list[int]]:
     }
 
 
+def mixed(ctx) -> tuple[tuple[int, ...], list[int]]:
+    """Three sequences of different lengths, left-padded, and a split where the middle one starts
+    inside the second chunk and the shortest inside the last: (lengths, split)."""
+    T, c = length(ctx), ctx.config.chunk_size
+    return (T, T - c - 2, 9), [c - 1, 7, T - c - 6]
+
+
 def cases(ctx) -> list[Case]:
     T = length(ctx)
-    out = [Case("prefill-chunks", f"split={name},T={T},B={B}", (("split", tuple(s)), ("T", T)), seed=7)
+    out = [Case("prefill-chunks", f"split={name},T={T},B={BATCH[name]}",
+                (("split", tuple(s)), ("T", T), ("B", BATCH[name])), seed=7)
            for name, s in fixed_splits(ctx).items()]
-    out += [Case("prefill-chunks", f"random,seed={seed},T={T},B={B}", (("split", "random"), ("T", T)), seed=seed)
-            for seed in (1, 2)]
+    out += [Case("prefill-chunks", f"random,seed={seed},T={T},B={b}", (("split", "random"), ("T", T), ("B", b)),
+                 seed=seed) for seed, b in RANDOM_SEEDS.items()]
+    lens, split = mixed(ctx)
+    out.append(Case("prefill-chunks", f"split={split},lengths={list(lens)},left-padded",
+                    (("split", tuple(split)), ("T", T), ("B", len(lens)), ("lengths", lens)), seed=7))
     return out
 
 
-def run_split(ctx, ids, split):
+def inputs(ctx, case: Case) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The case's token ids [B, T] and, for mixed lengths, its left-padding mask."""
+    B, T = case.p["B"], case.p["T"]
+    if "lengths" not in case.p:
+        return ctx.prompt(B, T, 1000 + T), None
+    ids = torch.zeros(B, T, dtype=torch.int64)
+    mask = torch.zeros(B, T, dtype=torch.int64)
+    for b, n in enumerate(case.p["lengths"]):
+        ids[b, T - n:] = ctx.prompt(1, n, 1000 + T + b)[0]
+        mask[b, T - n:] = 1
+    return ids, mask
+
+
+def run_split(ctx, ids, split, mask=None):
     """(logits, the exported state, or None for a backend that cannot hand its state out)."""
-    s = ctx.session(B)
-    logits = s.prefill(ids, chunks=split)
+    s = ctx.session(ids.shape[0])
+    logits = s.prefill(ids, mask, chunks=split)
     return logits, ctx.export_state(s) if capability(ctx.model.backend, "state_export", ctx.dtype).ok else None
 
 
-def compare(case, ctx, ids, split, whole, st_whole) -> list[Metric]:
-    logits, st = run_split(ctx, ids, split)
+def one_shot(ctx, case, ids, mask):
+    """The one-shot side, computed once per input for all the cases that share it."""
+    key = ("prefill-chunks one-shot", case.p["B"], case.p["T"], case.p.get("lengths"))
+    if key not in ctx.memo:
+        ctx.memo[key] = run_split(ctx, ids, None, mask)
+    return ctx.memo[key]
+
+
+def compare(case, ctx, ids, split, whole, st_whole, mask=None) -> list[Metric]:
+    logits, st = run_split(ctx, ids, split, mask)
     label = f"split {list(split)}"
+    if mask is not None:  # the real tokens only: what a padded position holds is not specified
+        real = mask.bool()
+        logits, whole = logits[real], whole[real]
     ms = equiv_metrics(logits, whole, ctx.dtype, f"{label} logits")
     return ms if st is None else [*ms, *state_metrics(st, st_whole, ctx.dtype, label)]
 
@@ -67,11 +109,13 @@ def run(case: Case, ctx) -> Result:
 
 def _run(case: Case, ctx) -> Result:
     T = case.p["T"]
-    ids = ctx.prompt(B, T, 1000 + T)
-    whole, st_whole = run_split(ctx, ids, None)
+    ids, mask = inputs(ctx, case)
+    whole, st_whole = one_shot(ctx, case, ids, mask)
     if case.p["split"] != "random":
-        return judge(case, compare(case, ctx, ids, case.p["split"], whole, st_whole),
-                     details={"split": list(case.p["split"])})
+        details = {"split": list(case.p["split"]), "batch": case.p["B"]}
+        if mask is not None:
+            details["lengths"] = list(case.p["lengths"])
+        return judge(case, compare(case, ctx, ids, case.p["split"], whole, st_whole, mask), details=details)
     # random partitions drawn from the case's seed; the first failing one is shrunk (cuts removed while
     # it still fails) to the simplest failing split
     tried: list[list[int]] = []
@@ -88,12 +132,12 @@ def _run(case: Case, ctx) -> Result:
         ms = check(split)
         if not all(m.ok for m in ms):
             minimal, ms = shrink(split, check)
-            return judge(case, ms, details={"seed": case.seed, "first_failing_split": split,
+            return judge(case, ms, details={"seed": case.seed, "batch": case.p["B"], "first_failing_split": split,
                                             "minimal_failing_split": minimal, "partitions_tried": tried})
     # all passed: report the worst of the partitions' metrics
     worst = max(tried, key=lambda sp: max((badness(m) for m in results[tuple(sp)]), default=0.0))
-    return judge(case, results[tuple(worst)], details={"seed": case.seed, "partitions_tried": tried,
-                                                       "reported_split": worst})
+    return judge(case, results[tuple(worst)], details={"seed": case.seed, "batch": case.p["B"],
+                                                       "partitions_tried": tried, "reported_split": worst})
 
 
 def random_partitions(T: int, seed: int, n: int = 4, min_cuts: int = 2, max_cuts: int = 6) -> list[list[int]]:
@@ -142,17 +186,17 @@ def _split(cuts: list[int], T: int) -> list[int]:
 
 def scenario(result: Result, ctx):
     split = result.details.get("minimal_failing_split") or result.details.get("split")
-    T = result.case.p["T"]
-    ids = ctx.prompt(B, T, 1000 + T)
+    ids, mask = inputs(ctx, result.case)
     if not split:
-        return [(ids, None)]
-    return {f"split {list(split)}": _chunks(ids, split), "one-shot": [(ids, None)]}  # the bug may be on either
+        return [(ids, mask)]
+    # the bug may be on either side
+    return {f"split {list(split)}": _chunks(ids, split, mask), "one-shot": [(ids, mask)]}
 
 
-def _chunks(ids, split):
+def _chunks(ids, split, mask=None):
     out, a = [], 0
     for c in split:
-        out.append((ids[:, a:a + c], None))
+        out.append((ids[:, a:a + c], None if mask is None else mask[:, a:a + c]))
         a += c
     return out
 

@@ -115,7 +115,8 @@ def run(case: Case, ctx) -> Result:
     return res
 
 
-def _run_variant(backend, ctx, ids: torch.Tensor) -> torch.Tensor:
+def _run_variant(backend, ctx, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Logits of one weight variant and its backend's description."""
     try:
         backend.load(ctx.graph, ctx.model.checkpoint)
         st = backend.new_state(ids.shape[0])

@@ -46,6 +46,20 @@ class ConvStateDropped(TorchBackend):
         return super()._conv(torch.zeros_like(conv_state) if xBC.shape[1] > 1 else conv_state, xBC, w, b, K)
 
 
+class InitialStatesDroppedAtBatchOne(TorchBackend):
+    """A prefill chunk of a batch of ONE sequence starts from zero conv and SSM states (a real engine
+    took its no-initial-state path whenever the batch had one sequence): right at B > 1, and for a
+    first prefill or single-token decode at any B."""
+
+    def _conv(self, conv_state, xBC, w, b, K):
+        drop = xBC.shape[0] == 1 and xBC.shape[1] > 1
+        return super()._conv(torch.zeros_like(conv_state) if drop else conv_state, xBC, w, b, K)
+
+    def _ssd(self, x, dt, A, B, C, D, s0, chunk):
+        drop = x.shape[0] == 1 and x.shape[1] > 1
+        return super()._ssd(x, dt, A, B, C, D, torch.zeros_like(s0) if drop else s0, chunk)
+
+
 class DecayFromChunkStart(TorchBackend):
     """Decays accumulated from the start of the new chunk only: the carried state enters the chunk
     undecayed (y += C.s0 without exp(cumsum dt*A), s_end = s_chunk + s0)."""
@@ -61,11 +75,14 @@ class DtClamped(TorchBackend):
     """dt clamped at time_step_min, as transformers' prefill path does."""
 
     def _dt(self, dt, dt_bias, a):
+        assert self.graph is not None  # set by load(), before any forward
         return super()._dt(dt, dt_bias, a).clamp(min=self.graph.config.time_step_min)
 
 
 class ALogTwice(TorchBackend):
     """A = -exp(A_log) applied twice (the loader stored A, the kernel exponentiated again)."""
+
+    A: dict[int, torch.Tensor]  # set by TorchBackend.load, unannotated there
 
     def load(self, graph, checkpoint, *, device=None):
         super().load(graph, checkpoint, device=device)
@@ -130,6 +147,8 @@ BUGS = {
     "ConvStateAfterConv": ("tiny-dense", "prefill-chunks", "mamba", {"layers.{i}.mixer.conv1d"}),
     "SsmStateDropped": ("tiny-dense", "prefill-chunks", "mamba", {"layers.{i}.mixer.ssd"}),
     "ConvStateDropped": ("tiny-list", "prefill-chunks", "mamba", {"layers.{i}.mixer.conv1d"}),
+    "InitialStatesDroppedAtBatchOne": ("tiny-dense", "prefill-chunks", "mamba", {"layers.{i}.mixer.conv1d",
+                                                                              "layers.{i}.mixer.ssd"}),
     "DecayFromChunkStart": ("tiny-dense", "prefill-chunks", "mamba", {"layers.{i}.mixer.ssd"}),
     "DtClamped": ("tiny-dense", "logits", "mamba", {"layers.{i}.mixer.ssd"}),
     "ALogTwice": ("tiny-list", "logits", "mamba", {"layers.{i}.mixer.ssd"}),

@@ -105,3 +105,23 @@ def overall_status(entry: dict[str, Any]) -> str:
     if statuses and all(x == "UNCHECKED" for x in statuses):
         return "UNCHECKED"
     return "OK"
+
+
+def headline(entries: list[dict[str, Any]], reference: str | None) -> list[dict[str, Any]]:
+    """The page's first figure, per runner that is not the reference: its status and, at the longest
+    prompt and the deepest context it ran, its tokens/s p50 and the ratio to the reference (the
+    `ratio_to_reference` of that row, null without a reference)."""
+    out = []
+    for e in entries:
+        if e.get("is_reference"):
+            continue
+        row: dict[str, Any] = {"backend": e["name"], "status": e["status"], "reference": reference,
+                               "error": e.get("error")}
+        for part, key in (("prefill", "prompt_length"), ("decode", "context_depth")):
+            rows = e.get(part) or []
+            w = max(rows, key=lambda w: w[key]) if rows else None
+            row[part] = None if w is None else {
+                key: w[key], "tokens_per_second": w["tokens_per_second"]["p50"],
+                "ratio_to_reference": w["ratio_to_reference"], "gate": w["gate"]["status"]}
+        out.append(row)
+    return out

@@ -59,8 +59,8 @@ def build_runner(spec: str, target: Target, device: torch.device):
             w = RandomWeights(target.graph, target.preset.seed, device, label=target.name)
             model = hf_from_weights(target.preset.config, target.graph, w)
         else:
-            model = hf_from_checkpoint(target.path, dtype, device)
-        runner = HFRunner(model, device, dtype)
+            model = hf_from_checkpoint(target.checkpoint_path(), dtype, device)
+        runner: HFRunner | BackendRunner = HFRunner(model, device, dtype)
     else:
         be = get_backend(spec)
         why = unsupported_reason(be, target.graph, str(device))
@@ -68,10 +68,12 @@ def build_runner(spec: str, target: Target, device: torch.device):
             raise NotSupported(why)
         if target.kind == "bench-preset":
             w = RandomWeights(target.graph, target.preset.seed, device, label=target.name)
-            be.load(target.graph, w, device=str(device))
-            model = Model(w.dir, target.config, target.graph, w, be)
+            # RandomWeights is the checkpoint-like object Backend.load's docstring accepts (load(graph), read,
+            # validate, mismatches, notices), but Backend.load and Model annotate a concrete Checkpoint
+            be.load(target.graph, w, device=str(device))  # type: ignore[arg-type]  # checkpoint-like stand-in
+            model = Model(w.dir, target.config, target.graph, w, be)  # type: ignore[arg-type]  # same stand-in
         else:
-            model = open_model(target.path, be, dtype, str(device))
+            model = open_model(target.checkpoint_path(), be, dtype, str(device))
         runner = BackendRunner(model, spec)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -119,7 +121,9 @@ def measure_runner(runner, ids: torch.Tensor, s: Settings, clock: Clock, meter: 
         snap = runner.snapshot(h)
         sb = runner.state_bytes(h)
         bar.update(1)
-        steps, walls, first_tokens, identical = [], [], None, True
+        steps: list[list[float]] = []
+        step_walls: list[list[float]] = []
+        first_tokens, identical = None, True
         for r in range(s.warmup + s.repeats):
             h = runner.restore(h, snap)
             tok = logits0.argmax(-1)
@@ -140,9 +144,9 @@ def measure_runner(runner, ids: torch.Tensor, s: Settings, clock: Clock, meter: 
                 identical = False
             if r >= s.warmup:
                 steps.append(ts)
-                walls.append(ws)
+                step_walls.append(ws)
         out["decode"].append({
-            "context_depth": S, "step_seconds": steps, "step_wall_seconds": walls,
+            "context_depth": S, "step_seconds": steps, "step_wall_seconds": step_walls,
             "logits": torch.stack(dists, 1), "tokens": tokens, "repeat_identical": identical,
             "peak_bytes": meter.peak_since(phase, baseline), "state_bytes": sb})
         del h, snap

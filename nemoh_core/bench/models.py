@@ -201,7 +201,15 @@ class BackendRunner:
     is_reference = False
 
     def __init__(self, model: Model, name: str):
-        self.model, self.name = model, name
+        self._model: Model | None = model
+        self.name = name
+
+    @property
+    def model(self) -> Model:
+        """The loaded model; a runner used after `close` says so."""
+        if self._model is None:
+            raise RuntimeError(f"bench runner '{self.name}' is closed")
+        return self._model
 
     def describe(self) -> dict[str, Any]:
         return dict(self.model.backend.describe())
@@ -231,7 +239,7 @@ class BackendRunner:
         return sum(t.numel() * t.element_size() for k, t in exported.items() if k != "mask")
 
     def close(self) -> None:
-        self.model = None
+        self._model = None
 
 
 class HFRunner:

@@ -22,16 +22,13 @@ FIT_FRACTION = 0.9  # refuse when the estimate exceeds this share of the free me
 
 
 def tie_tolerance(dtype: str) -> float:
-    """Largest top-2 margin (relative to max |logit|) that counts as a near-tie at `dtype`.
-
-    Two logits each within tol of the reference can swap order when their margin is below 2 tol.
-    tol is the table's logits tolerance for fp64/fp32; for 16-bit types the table has none against
-    an fp32 reference, so its equivalence tolerance (the same executor run two ways) stands in.
-    """
-    key = ("logits_rel_max_abs", dtype)
-    if key not in TOLERANCES:
-        key = ("equiv_rel_max_abs", dtype)
-    return 2 * TOLERANCES[key].value
+    """Largest top-2 margin (relative to max |logit|) that counts as a near-tie at `dtype`: the tolerance
+    table's `greedy_tie_margin` row, with its reason (a dtype without a row is an error, not a guess)."""
+    t = TOLERANCES.get(("greedy_tie_margin", dtype))
+    if t is None:
+        raise NemohError(f"nemoh-bench: the tolerance table has no greedy_tie_margin row for {dtype} "
+                         "(nemoh/conformance/tolerances.py)")
+    return t.value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,6 +81,13 @@ class Target:
     preset: Any = None
     source: str = ""
 
+    def checkpoint_path(self) -> Path:
+        """The checkpoint directory of a "checkpoint" target (a bench preset has none: its weights are
+        made in memory)."""
+        if self.path is None:
+            raise NemohError(f"{self.name}: a {self.kind} target has no checkpoint directory")
+        return self.path
+
     def describe(self) -> dict[str, Any]:
         g, c = self.graph, self.config
         return {
@@ -120,10 +124,10 @@ def resolve_target(model: str, dtype: str | None) -> Target:
 def check_fit(target: Target, s: Settings, available: int | None, device_label: str) -> dict[str, Any]:
     """The IR's memory estimate for this run; a NemohError when it exceeds the free memory."""
     max_ctx = max(max(s.prompt_lengths), max(s.context_depths) + s.decode_tokens)
-    est = memory_estimate(target.graph, s.batch, max(max(s.prompt_lengths), max(s.context_depths)), max_ctx)
-    est = {**est, "available_bytes": available, "fits": available is None or
-           est["total_bytes"] <= FIT_FRACTION * available}
-    if not est["fits"]:
+    need = memory_estimate(target.graph, s.batch, max(max(s.prompt_lengths), max(s.context_depths)), max_ctx)
+    fits = available is None or need["total_bytes"] <= FIT_FRACTION * available
+    est: dict[str, Any] = {**need, "available_bytes": available, "fits": fits}
+    if available is not None and not fits:  # (an unknown amount of free memory always fits)
         gib = 1 << 30
         raise NemohError(
             f"{target.name} at {target.graph.dtype} will not fit {device_label}: about "

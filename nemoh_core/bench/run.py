@@ -42,7 +42,7 @@ import torch
 
 from nemoh import display
 from nemoh.bench.cost import state_bytes
-from nemoh.bench.derive import overall_status, derive
+from nemoh.bench.derive import derive, headline, overall_status
 from nemoh.bench.device import (
     Clock,
     ForeignLoad,
@@ -174,4 +174,5 @@ def run_bench(s: Settings, argv: list[str] | None = None) -> dict[str, Any]:
         "ceilings": {**ceilings, "datasheet": datasheet},
         "reference": REFERENCE if s.reference == REFERENCE else None,
         "backends": entries, "state_memory": state_memory,
+        "headline": headline(entries, REFERENCE if s.reference == REFERENCE else None),
     }

@@ -92,11 +92,12 @@ def error_source(e: BaseException, backend: Any) -> str:
 def missing_module(e: BaseException) -> str | None:
     """The module a ModuleNotFoundError in `e` or its chain names, else None."""
     seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, ModuleNotFoundError):
-            return e.name
-        e = e.__cause__ or e.__context__
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, ModuleNotFoundError):
+            return cur.name
+        cur = cur.__cause__ or cur.__context__
     return None
 
 
@@ -105,7 +106,12 @@ def describe_exc(e: BaseException) -> str:
         return f"SystemExit({e.code!r}) (sys.exit was called)"
     if isinstance(e, BackendError) and e.__cause__ is not None:
         c = e.__cause__
-        return f"{type(c).__name__}: {(str(c).splitlines() or [''])[0]} [{(str(e).splitlines() or [''])[0]}]"
+        first = f"{type(c).__name__}: {(str(c).splitlines() or [''])[0]}"
+        # the wrapper's own context only: its message already ends with the cause (said once here)
+        context = getattr(e, "context", "") or (str(e).splitlines() or [""])[0]
+        if context.endswith(first):
+            context = context[:-len(first)].rstrip(": ")
+        return f"{first} [{context}]" if context and context != first else first
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
 
 

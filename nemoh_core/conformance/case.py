@@ -51,6 +51,10 @@ class Metric:
     tolerance: float | None  # None: measured and reported, not judged
     higher_is_better: bool = False
     label: str = ""  # what was compared, e.g. "vs oracle fp64"
+    # dtype-relative verdicts: the same metric for the reference implementation at this dtype against
+    # the same fp64 reference (the tolerance was derived from it), and what that reference was
+    baseline: float | None = None
+    baseline_label: str = ""
 
     @property
     def ok(self) -> bool:
@@ -65,7 +69,15 @@ class Metric:
         return {"name": self.name, "label": self.label, "value": None if (isinstance(v, float) and not math.isfinite(v))
                 else v, "value_repr": f"{v:.3g}" if isinstance(v, float) else str(v), "tolerance": self.tolerance,
                 "higher_is_better": self.higher_is_better, "ok": self.ok,
-                "badness": _finite_or_none(badness(self))}
+                "badness": _finite_or_none(badness(self)), **self._baseline_json()}
+
+    def _baseline_json(self) -> dict[str, Any]:
+        if self.baseline is None:
+            return {}
+        from nemoh.conformance.tolerances import ratio
+
+        return {"baseline": _finite_or_none(self.baseline), "baseline_label": self.baseline_label,
+                "ratio": _finite_or_none(ratio(self.name, self.value, self.baseline))}
 
 
 @dataclass
@@ -137,9 +149,19 @@ def badness(m: Metric) -> float:
 # ----------------------------------------------------------------------------------------------
 
 def logit_metrics(out: torch.Tensor, ref: torch.Tensor, dtype: str, label: str,
-                  positions: torch.Tensor | None = None, judged: bool = True) -> tuple[list[Metric], dict]:
+                  positions: torch.Tensor | None = None, judged: bool = True,
+                  baseline: dict[str, float] | None = None, baseline_label: str = "",
+                  cross: bool = False) -> tuple[list[Metric], dict]:
     """max abs, rel max abs, NMSE, top-1 agreement and mean KL(ref || out) over the positions
-    selected by the boolean `positions` [...] (default all), plus the worst position."""
+    selected by the boolean `positions` [...] (default all), plus the worst position.
+
+    At a dtype with dtype-relative rows (bf16, fp16), `baseline` holds the same metrics for the
+    reference implementation at that dtype against the same `ref` (`baseline_label` names it): NMSE, KL
+    and top-1 are then judged as at most k x the baseline + eps (nemoh.conformance.tolerances). Without
+    a baseline they are judged against the table's fixed floors. `cross`: `ref` is itself the reference
+    implementation at the dtype, and `baseline` its distance to fp64 (see relative_tolerance)."""
+    from nemoh.conformance.tolerances import is_relative, relative_tolerance
+
     o, r = out.double(), ref.double()
     if positions is not None:
         o, r = o[positions], r[positions]
@@ -147,19 +169,34 @@ def logit_metrics(out: torch.Tensor, ref: torch.Tensor, dtype: str, label: str,
     diff = (o - r).abs()
     per_pos = diff.amax(-1)
     scale = r.abs().max().item() or 1.0
-    nmse = ((o - r).pow(2).sum() / r.pow(2).sum().clamp_min(1e-300)).item()
-    top1 = (o.argmax(-1) == r.argmax(-1)).double().mean().item()
-    kl = torch.sum(torch.softmax(r, -1) * (torch.log_softmax(r, -1) - torch.log_softmax(o, -1)), -1)
-    t = (lambda name: tol(name, dtype)) if judged else (lambda name: None)
+    values = {"logits_nmse": ((o - r).pow(2).sum() / r.pow(2).sum().clamp_min(1e-300)).item(),
+              "logits_top1": (o.argmax(-1) == r.argmax(-1)).double().mean().item(),
+              "logits_kl": torch.sum(torch.softmax(r, -1) * (torch.log_softmax(r, -1) - torch.log_softmax(o, -1)),
+                                     -1).mean().item()}
+
+    def judged_metric(name: str) -> Metric:
+        hib = name == "logits_top1"
+        if not judged:
+            return Metric(name, values[name], None, higher_is_better=hib, label=label)
+        if baseline is not None and is_relative(name, dtype):
+            return Metric(name, values[name], relative_tolerance(name, dtype, baseline[name], len(o), cross=cross),
+                          higher_is_better=hib, label=label, baseline=baseline[name], baseline_label=baseline_label)
+        return Metric(name, values[name], tol(name, dtype), higher_is_better=hib, label=label)
+
     ms = [
         Metric("logits_max_abs", diff.max().item(), None, label=label),
-        Metric("logits_rel_max_abs", diff.max().item() / scale, t("logits_rel_max_abs"), label=label),
-        Metric("logits_nmse", nmse, t("logits_nmse"), label=label),
-        Metric("logits_top1", top1, t("logits_top1"), higher_is_better=True, label=label),
-        Metric("logits_kl", kl.mean().item(), t("logits_kl"), label=label),
+        Metric("logits_rel_max_abs", diff.max().item() / scale, tol("logits_rel_max_abs", dtype) if judged else None,
+               label=label),
+        judged_metric("logits_nmse"),
+        judged_metric("logits_top1"),
+        judged_metric("logits_kl"),
     ]
     worst = int(per_pos.argmax())
     return ms, {"worst_position": worst, "worst_position_max_abs": per_pos[worst].item()}
+
+
+def metric_values(metrics: Sequence[Metric]) -> dict[str, float]:
+    return {m.name: m.value for m in metrics}
 
 
 def nmse(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -118,6 +118,8 @@ def execute_case(suite: Suite, case: Case, ctx: Ctx) -> Result:
 def localise_case(suite: Suite, res: Result, ctx: Ctx) -> dict[str, Any]:
     """Localise a FAIL on every side its scenario names (an equivalence case has two: the bug may be on
     either), and report the first side where a layer leaves tolerance or NaN/inf appears."""
+    if suite.scenario is None:
+        return {"available": False, "reason": f"suite {suite.name} names no forward calls to replay"}
     try:
         sides = suite.scenario(res, ctx)
         sides = sides if isinstance(sides, dict) else {"": sides}

@@ -98,7 +98,8 @@ class Watchdog:
 
 def _faulthandler_arm(seconds: float) -> None:
     try:
-        faulthandler.dump_traceback_later(seconds, exit=True, file=sys.__stderr__)
+        # sys.__stderr__ is None under pythonw-style launchers; faulthandler then wants sys.stderr
+        faulthandler.dump_traceback_later(seconds, exit=True, file=sys.__stderr__ or sys.stderr)
     except (ValueError, AttributeError, OSError, RuntimeError):
         pass
 
@@ -263,9 +264,10 @@ class _Worker:
 
     def dump_and_kill(self) -> list[dict]:
         """Ask the hung worker for its stack (faulthandler, SIGUSR1), then kill it."""
-        if self.proc.is_alive() and hasattr(signal, "SIGUSR1"):
+        pid = self.proc.pid  # None only before start(); a live process has one
+        if pid is not None and self.proc.is_alive() and hasattr(signal, "SIGUSR1"):
             try:
-                os.kill(self.proc.pid, signal.SIGUSR1)
+                os.kill(pid, signal.SIGUSR1)
                 deadline = time.monotonic() + 2.0
                 while time.monotonic() < deadline and not Path(self.trace_path).stat().st_size:
                     time.sleep(0.05)

@@ -8,6 +8,7 @@ it, not to every layer after it.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import torch
@@ -46,6 +47,9 @@ def localise(ctx, forwards: list[tuple[torch.Tensor, torch.Tensor | None]]) -> d
     """
     be, g64, params = ctx.model.backend, ctx.ref.graph64, ctx.ref.params
     t_layer = tol("layer_rel_rms", ctx.dtype)
+    if t_layer is None:  # every dtype an executor runs at has a row: a missing one is a table bug
+        raise ValueError(f"the tolerance table has no layer_rel_rms row for {ctx.dtype} "
+                         "(nemoh/conformance/tolerances.py)")
     B = forwards[0][0].shape[0]
     st_b, st_o = be.new_state(B), oracle.OracleState()
     acc: dict[str, list[float]] = {}  # op or layer name -> [num, den]
@@ -98,7 +102,7 @@ def localise(ctx, forwards: list[tuple[torch.Tensor, torch.Tensor | None]]) -> d
             for name, t in be.export_state(st_b).items():
                 scan(f"{name} (carried state)", t, None, call)
 
-    layers = []
+    layers: list[dict[str, Any]] = []
     for layer in g64.layers:
         mixer_out = layer.ops[-2].name  # the op feeding the residual add
         if mixer_out not in acc:
@@ -116,12 +120,39 @@ def localise(ctx, forwards: list[tuple[torch.Tensor, torch.Tensor | None]]) -> d
         out["message"] = ("every layer is within tolerance when checked in isolation; the error is in the "
                           "embedding or the head, or builds up from within-tolerance differences")
         return out
-    ops = [{"op": n, "kind": k, "error": _rel(*acc[n]), "worst_call": worst_call[n][1],
+    ops: list[dict[str, Any]] = [{"op": n, "kind": k, "error": _rel(*acc[n]), "worst_call": worst_call[n][1],
             "first_call_out_of_tolerance": first_bad.get(n)}
            for n, (li, _, k) in op_meta.items() if li == culprit["layer"]]
     first = next((o for o in ops if not o["error"] <= t_layer), None) or ops[-1]
-    call = first["first_call_out_of_tolerance"]
-    call = first["worst_call"] if call is None else call
+    op_name = str(first["op"])  # its first call out of tolerance, else its worst call
+    call = first_bad.get(op_name, worst_call[op_name][1])
     out.update(layer=culprit["layer"], kind=culprit["kind"], error=culprit["error"], op=first["op"],
                op_kind=first["kind"], call=call, call_tokens=int(forwards[call][0].shape[1]), ops=ops)
     return out
+
+
+_STATE_LABEL = re.compile(r"^(?P<side>.*?)\s*\bstate (?P<state>layers\.(?P<layer>\d+)\.\w+)")
+
+
+def diverging_state(metrics: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The carried state a case found out of tolerance (from its metrics' JSON), or None.
+
+    A localisation that finds every layer within tolerance cannot see a state that is carried wrong
+    between calls (each layer is replayed on the executor's own state); the case's state metrics can.
+    Returns the worst failing state metric: {"state", "layer", "side", "metric", "value_repr", "where",
+    "states"} where `where` says that the state diverges and at which layer, and `states` lists
+    every diverging state once."""
+    bad = []
+    for m in metrics:
+        hit = _STATE_LABEL.match(m.get("label") or "")
+        if hit and m.get("ok") is False:
+            b = m.get("badness")
+            bad.append((float("inf") if b is None else float(b), hit, m))
+    if not bad:
+        return None
+    _, hit, m = max(bad, key=lambda t: t[0])
+    states = list(dict.fromkeys(h["state"] for _, h, _ in sorted(bad, key=lambda t: int(t[1]["layer"]))))
+    return {"state": hit["state"], "layer": int(hit["layer"]), "side": hit["side"].strip() or None,
+            "metric": m["name"], "value_repr": m.get("value_repr"), "states": states,
+            "where": f"carried state {hit['state']} diverges (layer {hit['layer']}), although every layer is "
+                     "within tolerance in isolation"}

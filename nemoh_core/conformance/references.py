@@ -45,6 +45,20 @@ class Reference:
     def oracle_logits(self, ids: torch.Tensor) -> torch.Tensor:
         return self._oracle(ids.contiguous().numpy().tobytes(), tuple(ids.shape))
 
+    @functools.lru_cache(maxsize=64)  # noqa: B019 - one Reference per run
+    def _hf_logits(self, key: bytes, shape: tuple[int, ...], dtype: str) -> torch.Tensor | None:
+        ids = torch.frombuffer(bytearray(key), dtype=torch.int64).reshape(shape)
+        hf = self.hf(dtype)
+        if hf is None:
+            return None
+        with torch.inference_mode():
+            return hf(input_ids=ids).logits.float()
+
+    def hf_logits(self, ids: torch.Tensor, dtype: str) -> torch.Tensor | None:
+        """transformers' logits (its dt clamp removed) for unpadded `ids`, computed once per run: the
+        logits suite's low-precision verdicts reuse them as the reference error at that dtype."""
+        return self._hf_logits(ids.contiguous().numpy().tobytes(), tuple(ids.shape), dtype)
+
     def hf(self, dtype: str, intended: bool = True):
         if self.hf_unavailable:
             return None
@@ -74,6 +88,8 @@ class Ctx:
     model: Model
     ref: Reference
     _prompts: dict = field(default_factory=dict)
+    #: results a suite computes once per backend/dtype and shares between its cases (a one-shot prefill)
+    memo: dict[Any, Any] = field(default_factory=dict)
 
     @property
     def hf_unavailable(self) -> str:
@@ -99,6 +115,8 @@ class Ctx:
 
     @torch.inference_mode()
     def hf_logits(self, ids: torch.Tensor, dtype: str, mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        if mask is None:
+            return self.ref.hf_logits(ids, dtype)
         hf = self.ref.hf(dtype)
         return None if hf is None else hf(input_ids=ids, attention_mask=mask).logits.float()
 

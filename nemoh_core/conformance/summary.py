@@ -3,9 +3,12 @@ counts, the exit code, the status matrix, and what a reader needs first:
 
   cells            per backend/dtype column and suite: the status, the count of each status, and the
                    judged metric furthest from its tolerance (by its `badness`);
-  failure_groups   the FAILs grouped by where they start (first diverging layer and op, or the
-                   reason they could not be localised), each group listing its cases, so a bug that
-                   fails nine cases is shown once;
+  failure_groups   the FAILs grouped by where they start (first diverging layer and op, the first
+                   carried state that diverges when every layer is within tolerance, or the reason
+                   they could not be localised), each group listing its cases (with the side of an
+                   equivalence case, e.g. the split, that localised it), so a bug that fails nine
+                   cases on nine different splits is shown once;
+  failing_suites   the suites with a FAIL, each once; failing_columns the backend/dtype columns with one;
   not_run          per column, each distinct NOT_SUPPORTED / SKIPPED reason once, with its count.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from nemoh.conformance.case import Status
+from nemoh.conformance.localise import diverging_state
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NOTHING_CHECKED, EXIT_ABORTED = 0, 1, 2, 3, 4  # see nemoh.cli's help
 
@@ -48,19 +52,24 @@ def cells(report: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
     return out
 
 
-def _where(x: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+def _where(x: dict[str, Any]) -> tuple[str, dict[str, Any] | None, str | None, dict[str, Any] | None]:
+    """(where the FAIL starts, without the side; its localisation; the side that localised it; the carried
+    state that diverges when every layer is within tolerance, else None)."""
     loc = x.get("localisation") or {}
+    side = loc.get("side") or None
     if loc.get("non_finite"):
-        return loc["non_finite"]["message"], loc
+        return loc["non_finite"]["message"], loc, side, None
     if loc.get("found"):
-        side = f" (on the {loc['side']} side)" if loc.get("side") else ""
-        return f"layer {loc['layer']} ({loc['kind']}), op {loc['op']}{side}", loc
+        return f"layer {loc['layer']} ({loc['kind']}), op {loc['op']}", loc, side, None
     if loc.get("available") and loc.get("message"):
-        return "every layer within tolerance in isolation: embedding, head, or accumulated error", loc
+        state = diverging_state(x.get("metrics") or [])
+        if state is not None:
+            return state["where"], loc, state["side"] or side, state
+        return "every layer within tolerance in isolation: embedding, head, or accumulated error", loc, side, None
     source = (x.get("details") or {}).get("error_source")
     if source:
-        return f"an error raised by the {source}", None
-    return "not localised", loc or None
+        return f"an error raised by the {source}", None, None, None
+    return "not localised", loc or None, side, None
 
 
 def failure_groups(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -69,12 +78,30 @@ def failure_groups(report: dict[str, Any]) -> list[dict[str, Any]]:
         for x in run["results"]:
             if x["status"] != "FAIL":
                 continue
-            where, loc = _where(x)
-            g = groups.setdefault(where, {"where": where, "localisation": loc, "cases": [], "suites": []})
-            g["cases"].append({"column": column(run), "id": x["id"], "suite": x["suite"], "message": x["message"]})
+            where, loc, side, state = _where(x)
+            g = groups.setdefault(where, {"where": where, "localisation": loc, "state": state, "cases": [],
+                                          "suites": [], "sides": []})
+            g["cases"].append({"column": column(run), "id": x["id"], "suite": x["suite"], "message": x["message"],
+                               "side": side})
             if x["suite"] not in g["suites"]:
                 g["suites"].append(x["suite"])
+            if side and side not in g["sides"]:
+                g["sides"].append(side)
     return sorted(groups.values(), key=lambda g: -len(g["cases"]))
+
+
+def failing_suites(report: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    for run in report["runs"]:
+        for x in run["results"]:
+            if x["status"] == "FAIL" and x["suite"] not in out:
+                out.append(x["suite"])
+    return out
+
+
+def failing_columns(report: dict[str, Any]) -> list[str]:
+    """The backend/dtype columns with a FAIL (their cases are shown open)."""
+    return [column(run) for run in report["runs"] if any(x["status"] == "FAIL" for x in run["results"])]
 
 
 def not_run(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
@@ -91,8 +118,9 @@ def not_run(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 
 
 def views(report: dict[str, Any]) -> dict[str, Any]:
-    """The three views, to be stored in the report's `summary`."""
-    return {"cells": cells(report), "failure_groups": failure_groups(report), "not_run": not_run(report)}
+    """The views, to be stored in the report's `summary`."""
+    return {"cells": cells(report), "failure_groups": failure_groups(report), "failing_suites": failing_suites(report),
+            "failing_columns": failing_columns(report), "not_run": not_run(report)}
 
 
 def summarize(report: dict[str, Any]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ tests/backends/test_torch_backend.py::test_reference_dt_clamp_is_observable_and_
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -43,8 +44,12 @@ TOLERANCES: dict[tuple[str, str], Tol] = {
     # bf16/fp16 max-abs is reported, not judged: one near-tie expert flip moves a token by O(1)
     ("logits_nmse", "float64"): Tol(1e-24, "fp64 rounding; measured <= 1e-30"),
     ("logits_nmse", "float32"): Tol(1e-9, "measured <= 2.5e-13 vs the oracle and transformers"),
-    ("logits_nmse", "bfloat16"): Tol(0.05, "8 mantissa bits plus rare expert flips; measured <= 0.015"),
-    ("logits_nmse", "float16"): Tol(0.01, "11 mantissa bits plus rare expert flips; measured <= 1.5e-3"),
+    # bf16/fp16 rows of logits_nmse / logits_kl / logits_top1 are the FIXED floors (the rule before issue 18),
+    # used only where transformers cannot run that dtype; otherwise the dtype-relative rule below judges
+    ("logits_nmse", "bfloat16"): Tol(0.05, "fixed floor, used only without transformers at bf16: 8 mantissa bits plus "
+                                           "rare expert flips; measured <= 0.015 on the hand-made presets"),
+    ("logits_nmse", "float16"): Tol(0.01, "fixed floor, used only without transformers at fp16: 11 mantissa bits plus "
+                                          "rare expert flips; measured <= 1.5e-3"),
     ("logits_kl", "float64"): Tol(1e-12, "rounding noise (it can come out slightly negative); measured <= 1e-16"),
     ("logits_kl", "float32"): Tol(1e-8, "mean KL(ref || out) per position; measured <= 1.1e-12"),
     ("logits_kl", "bfloat16"): Tol(0.2, "measured <= 0.058 (nats, mean over positions)"),
@@ -58,6 +63,42 @@ TOLERANCES: dict[tuple[str, str], Tol] = {
               "gives 0.902 and llama.cpp's 0.857-0.884 (T=7: 12 of 14 positions). At this floor the router bias "
               "rounded to bf16 (0.857-0.906 on tiny-moe) is not caught at bf16: the fp32 run catches it"),
     ("logits_top1", "float16"): Tol(0.97, "fp16 keeps 11 mantissa bits; measured 0.990-0.997 vs the fp64 oracle"),
+    # -- low precision, relative to the reference implementation at the same dtype (issue 18) ----------
+    #    d(executor, fp64) <= k * d(transformers at this dtype, fp64) + eps, never looser than the guard.
+    #    d is logits_nmse, logits_kl, or for top-1 the disagreement 1 - logits_top1 (eps plus one position).
+    ("logits_nmse_k", "bfloat16"): Tol(
+        3.0, "the executor may be k x as far from fp64 as transformers' own bf16; the torch executor measured "
+        "1.01-1.08x (tiny-dense, tiny-moe, tiny-latent-moe, tiny-nano-30b); planted bugs the fixed floors "
+        "missed at bf16 are "
+        "11-290x (router bias in bf16, RoPE, dt clamp)"),
+    ("logits_nmse_eps", "bfloat16"): Tol(
+        1e-3, "absorbs a baseline near zero (bf16 NMSE of transformers measured 1.1e-4 to 0.015)"),
+    ("logits_nmse_guard", "bfloat16"): Tol(
+        0.3, "sanity guard only: never accepted however far transformers' own bf16 is (6x the old fixed floor)"),
+    ("logits_nmse_k", "float16"): Tol(
+        4.0, "as bf16; the torch executor measured 0.92-1.17x transformers' fp16 distance, but 2.74x on "
+             "tiny-nano-30b (128 experts: 0.002 vs 7.3e-4 at T=c+37); planted bugs >= 4.96x there"),
+    ("logits_nmse_eps", "float16"): Tol(
+        2e-4, "absorbs a baseline near zero (fp16 NMSE of transformers measured 1.7e-6 to 2.3e-6 on the hand-made "
+        "presets)"),
+    ("logits_nmse_guard", "float16"): Tol(0.1, "sanity guard only (10x the old fixed floor)"),
+    ("logits_kl_k", "bfloat16"): Tol(3.0, "as logits_nmse_k: mean KL tracks NMSE at this size of error"),
+    ("logits_kl_eps", "bfloat16"): Tol(0.01, "nats; absorbs a baseline near zero"),
+    ("logits_kl_guard", "bfloat16"): Tol(1.0, "nats; sanity guard only (5x the old fixed floor)"),
+    ("logits_kl_k", "float16"): Tol(4.0, "as logits_nmse_k at fp16"),
+    ("logits_kl_eps", "float16"): Tol(2e-3, "nats; absorbs a baseline near zero"),
+    ("logits_kl_guard", "float16"): Tol(0.3, "nats; sanity guard only (10x the old fixed floor)"),
+    ("logits_top1_k", "bfloat16"): Tol(
+        2.0, "disagreement with fp64 at most 2x transformers' own bf16 disagreement; the torch executor measured "
+        "0.052-0.064 vs transformers' 0.036-0.064 (T=c+37, B=2)"),
+    ("logits_top1_eps", "bfloat16"): Tol(
+        0.02, "plus one position (1/(B*T)): a single near-tie flip is never a verdict on its own"),
+    ("logits_top1_guard", "bfloat16"): Tol(
+        0.5, "sanity guard only: half the positions must agree with fp64 whatever transformers does"),
+    ("logits_top1_k", "float16"): Tol(
+        2.0, "as bf16; the torch executor measured 0.000-0.009 vs transformers' 0.000-0.006"),
+    ("logits_top1_eps", "float16"): Tol(0.01, "plus one position (1/(B*T))"),
+    ("logits_top1_guard", "float16"): Tol(0.7, "sanity guard only"),
     # -- the same executor run two ways (chunked / decoded / batched vs one-shot) -----------------
     ("equiv_rel_max_abs", "float64"): Tol(1e-12, "fp64 rounding only; measured <= 5.1e-15 (logits and state)"),
     ("equiv_rel_max_abs", "float32"): Tol(
@@ -96,6 +137,20 @@ TOLERANCES: dict[tuple[str, str], Tol] = {
     ("quant_top1", "Q8_0"): Tol(0.80, "measured >= 0.902 +- 0.016 (tiny-moe)"),
     ("quant_top1", "Q6_K"): Tol(0.80, "as Q8_0 (the same tensors on the tiny presets)"),
     ("quant_top1", "Q4_K_M"): Tol(0.50, "measured >= 0.665 +- 0.026 (tiny-moe)"),
+    # -- nemoh-bench's correctness gate: greedy tokens of a backend against the reference (transformers at the same
+    #    dtype) on the same prompt. Where the two first pick different tokens and the top-2 margin between them,
+    #    on both sides, is at most this share of max |reference logit|, the step is a near-tie, not WRONG
+    ("greedy_tie_margin", "float64"): Tol(2e-12, "2x the fp64 logits_rel_max_abs: two logits each within it can swap"),
+    ("greedy_tie_margin", "float32"): Tol(4e-5, "2x the fp32 logits_rel_max_abs: two logits each within it can swap"),
+    ("greedy_tie_margin", "bfloat16"): Tol(
+        0.6, "both sides round to bf16 (one ulp is 0.39% of the largest logit) and an expert choice can round the "
+             "other way: measured with the torch executor vs transformers, both bf16, 24 greedy steps x 2 rows x 3 "
+             "seeds: first differences at margins <= 0.0123 on tiny-dense, but 0.112 on tiny-moe and 0.207-0.551 on "
+             "tiny-latent-moe, whose routers are built to flip under bf16 rounding. So at bf16 the gate catches only "
+             "gross errors; bf16 correctness is judged by `nemoh conformance` (dtype-relative verdicts)"),
+    ("greedy_tie_margin", "float16"): Tol(
+        0.1, "11 mantissa bits: measured no greedy difference at all in the same 9 runs (tiny-dense, tiny-moe); "
+             "8x bf16's dense-model figure, an expert flip at fp16 being rarer"),
     # -- localisation: one layer run in isolation against the oracle on the executor's own input ----
     ("layer_rel_rms", "float64"): Tol(1e-12, "measured <= 5.3e-16"),
     ("layer_rel_rms", "float32"): Tol(1e-5, "measured <= 3.8e-7"),
@@ -131,6 +186,47 @@ def tol(metric: str, dtype: str) -> float | None:
     """The tolerance, or None where the table does not judge this metric at this dtype."""
     t = TOLERANCES.get((metric, dtype))
     return None if t is None else t.value
+
+
+#: the metrics judged relative to the reference at the executor's dtype where the table has their rows
+RELATIVE_METRICS = ("logits_nmse", "logits_kl", "logits_top1")
+
+
+def is_relative(metric: str, dtype: str) -> bool:
+    """Whether `metric` at `dtype` is judged against the reference implementation's own error there."""
+    return metric in RELATIVE_METRICS and (f"{metric}_k", dtype) in TOLERANCES
+
+
+def distance(metric: str, value: float) -> float:
+    """The metric as a distance (0 = identical): top-1 agreement becomes disagreement."""
+    return 1.0 - value if metric == "logits_top1" else value
+
+
+def relative_tolerance(metric: str, dtype: str, baseline: float, positions: int = 0, cross: bool = False) -> float:
+    """The tolerance of `metric` (in its own units) when the reference implementation at `dtype` is at
+    `baseline` from the same fp64 reference: d <= k * d_ref + eps (top-1: plus one of `positions`),
+    never looser than the absolute guard.
+
+    `cross`: the executor is compared with the reference implementation at the dtype itself (both carry
+    their own rounding error): an executor within k * d_ref of fp64 is within (sqrt(k) + 1)^2 * d_ref of the
+    reference for the squared-error metrics (NMSE, KL, by the triangle inequality on the root), and within
+    (k + 1) * d_ref for top-1 disagreement, so k becomes that."""
+    k, eps, guard = (TOLERANCES[(f"{metric}_{x}", dtype)].value for x in ("k", "eps", "guard"))
+    if cross:
+        k = k + 1 if metric == "logits_top1" else (math.sqrt(k) + 1) ** 2
+    if metric == "logits_top1":
+        bound = k * distance(metric, baseline) + eps + (1.0 / positions if positions else 0.0)
+        return max(1.0 - bound, guard)
+    return min(k * baseline + eps, guard)
+
+
+def ratio(metric: str, value: float, baseline: float) -> float:
+    """How many times further from fp64 than the reference at the same dtype (1 = as close; inf when
+    the reference is exact and the executor is not; 1 when both are exact)."""
+    d, d_ref = distance(metric, value), distance(metric, baseline)
+    if d_ref > 0:
+        return max(d, 0.0) / d_ref
+    return 1.0 if d <= 0 else math.inf
 
 
 def rel_max_abs(out: torch.Tensor, ref: torch.Tensor) -> float:

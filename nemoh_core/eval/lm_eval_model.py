@@ -97,10 +97,11 @@ class NemohLM(TemplateLM):
             int(raw.get("max_position_embeddings") or DEFAULT_MAX_LENGTH)
         self._tok = self._load_tokenizer(self.path)
         cfg = self.model.config
-        self._eos = _first_id(cfg.eos_token_id)
+        eos = _first_id(cfg.eos_token_id)
         self._bos = _first_id(cfg.bos_token_id)
-        if self._eos is None:
+        if eos is None:
             raise NemohError(f"{self.path / 'config.json'}: eos_token_id is not set; lm-eval needs an end token")
+        self._eos: int = eos
         self._bos_text = self._tok.id_to_token(self._bos) if self._bos is not None else None
 
     # -- construction --------------------------------------------------------------------------
@@ -213,7 +214,7 @@ class NemohLM(TemplateLM):
         groups: dict[str, list[int]] = defaultdict(list)
         for i, req in enumerate(requests):
             groups[json.dumps(req.args[1], sort_keys=True, default=str)].append(i)
-        out: list[str | None] = [None] * len(requests)
+        out: dict[int, str] = {}  # request index -> text; every index is in exactly one group
         for idx in groups.values():
             kw = dict(requests[idx[0]].args[1] or {})
             until, max_new = self._gen_settings(kw)
@@ -221,7 +222,7 @@ class NemohLM(TemplateLM):
             for i, text in zip(idx, texts):
                 out[i] = text
                 self.cache_hook.add_partial("generate_until", requests[i].args, text)
-        return out
+        return [out[i] for i in range(len(requests))]
 
     # -- scoring ------------------------------------------------------------------------------------
 
@@ -234,7 +235,7 @@ class NemohLM(TemplateLM):
             if not ctx or not cont:
                 raise NemohError("a loglikelihood request needs a non-empty context and continuation "
                                  f"(got {len(ctx)} context and {len(cont)} continuation tokens)")
-        res: list[tuple[float, bool] | None] = [None] * len(pairs)
+        res: dict[int, tuple[float, bool]] = {}  # pair index -> score, filled by the two scorers below
         naive: list[int] = []
         shared: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, (ctx, cont) in enumerate(pairs):
@@ -252,7 +253,7 @@ class NemohLM(TemplateLM):
             for a in range(0, len(naive), self.batch_size):
                 self._score_naive(naive[a:a + self.batch_size], pairs, res)
                 bar.update(len(naive[a:a + self.batch_size]))
-        return res  # type: ignore[return-value]
+        return [res[i] for i in range(len(pairs))]
 
     def _left_padded(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         T = max(len(s) for s in seqs)
@@ -263,7 +264,7 @@ class NemohLM(TemplateLM):
             mask[b, T - len(s):] = 1
         return ids, mask
 
-    def _score_shared(self, contexts, shared, pairs, res) -> None:
+    def _score_shared(self, contexts, shared, pairs, res: dict[int, tuple[float, bool]]) -> None:
         """One prefill for a batch of distinct contexts; every continuation scored from its state."""
         ids, mask = self._left_padded(contexts)
         s = self.model.session(len(contexts))
@@ -312,7 +313,7 @@ class NemohLM(TemplateLM):
             greedy &= ((logits.argmax(-1) == w) | ~valid).all(1)
         return lp.tolist(), greedy.tolist()
 
-    def _score_naive(self, idx: list[int], pairs, res) -> None:
+    def _score_naive(self, idx: list[int], pairs, res: dict[int, tuple[float, bool]]) -> None:
         """Each request as one sequence (context + continuation, left-truncated to max_length + 1 and
         without its last token), as lm-eval's hf model does it."""
         seqs = [(pairs[i][0] + pairs[i][1])[-(self.max_length + 1):][:-1] for i in idx]

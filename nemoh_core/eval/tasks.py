@@ -105,7 +105,8 @@ def quiet_lm_eval(progress: bool = False) -> Iterator[None]:
         log.setLevel(logging.ERROR)
     patched: list[tuple[Any, str, Any]] = []
     bars = progress and sys.stderr.isatty()
-    for name, mod in list(sys.modules.items()):
+    mods: list[tuple[str, Any]] = list(sys.modules.items())  # lm-eval's modules: attributes patched by name
+    for name, mod in mods:
         if name.startswith("lm_eval") and mod is not None:
             if not bars and getattr(mod, "tqdm", None) is tqdm_mod.tqdm:
                 patched.append((mod, "tqdm", mod.tqdm))

@@ -35,6 +35,7 @@ from nemoh.model.config_checks import (
     PATTERN_CHARS,
     check_json_values,
     check_transformers_types,
+    decode_float_tags,
     is_int,
     is_num,
     read_json_file,
@@ -300,6 +301,7 @@ def parse_config(raw: Any, source: str = "<dict>") -> ModelConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a JSON object at the top level, got {type(raw).__name__}")
     check_json_values(raw, source)
+    raw = decode_float_tags(raw, source)
     mt = raw.get("model_type", "nemotron_h")
     if mt != "nemotron_h":
         raise ConfigError(f"{source}: field 'model_type' is {show(mt)}, expected 'nemotron_h'")
@@ -323,8 +325,9 @@ def parse_config(raw: Any, source: str = "<dict>") -> ModelConfig:
     if "time_step_limit" in vals:
         lim = vals["time_step_limit"]
         try:
-            # transformers 5 writes infinity as {"__float__": "Infinity"}; others write "inf" or Infinity
-            lo, hi = (float(x["__float__"] if isinstance(x, dict) else x) for x in lim)
+            # tagged floats ({"__float__": "Infinity"}) are decoded above; "inf" strings come from nemoh's own
+            # ModelConfig.to_dict
+            lo, hi = (float(x) for x in lim)
         except (TypeError, ValueError, KeyError, OverflowError):
             raise ConfigError(f"{source}: field 'time_step_limit' must be a pair of numbers, got {show(lim)}") from None
         vals["time_step_limit"] = (lo, hi)
@@ -360,5 +363,6 @@ def load_config(path: str | Path) -> ModelConfig:
     raw = read_json_file(p, "config.json")
     if isinstance(raw, dict):
         check_json_values(raw, str(p))
+        raw = decode_float_tags(raw, str(p))
         check_transformers_types(raw, str(p))
     return parse_config(raw, str(p))

@@ -221,6 +221,34 @@ def check_json_values(raw: Any, source: str) -> None:
 
 
 
+#: transformers >= 5.3 writes the floats JSON has no literal for as tagged objects ({"__float__": "Infinity"}) in
+#: config.json, and reads them back as floats (PreTrainedConfig._encode/_decode_special_floats); older writers
+#: (and Python's json) use the bare literals Infinity, -Infinity and NaN, which json.loads reads as they are
+FLOAT_TAG = "__float__"
+FLOAT_TAGS = {"Infinity": float("inf"), "-Infinity": float("-inf"), "NaN": float("nan")}
+
+
+def decode_float_tags(raw: Any, source: str) -> Any:
+    """`raw` with every {"__float__": "Infinity" | "-Infinity" | "NaN"} replaced by that float, as transformers
+    reads it. Any other {"__float__": ...} object is refused, naming the field (transformers would leave it an
+    object, and then refuse the field's type)."""
+
+    def walk(v: Any, where: str) -> Any:
+        if isinstance(v, dict):
+            if FLOAT_TAG in v:
+                tag = v[FLOAT_TAG]
+                if len(v) != 1 or not isinstance(tag, str) or tag not in FLOAT_TAGS:
+                    raise ConfigError(f"{source}: field '{where or '(top level)'}' is {show(v)}; a tagged float is "
+                                      f'{{"{FLOAT_TAG}": "Infinity"}}, "-Infinity" or "NaN", as transformers writes it')
+                return FLOAT_TAGS[tag]
+            return {k: walk(x, f"{where}.{k}" if where else str(k)) for k, x in v.items()}
+        if isinstance(v, list):
+            return [walk(x, f"{where}[{i}]") for i, x in enumerate(v)]
+        return v
+
+    return walk(raw, "")
+
+
 MAX_CONFIG_BYTES = 64 << 20
 
 

@@ -341,7 +341,8 @@ def build_model(name: str, *, seed: int | None = None):
     config = NemotronHConfig(**copy.deepcopy(preset.config))
     # transformers' own init draws from the global RNG; keep the caller's RNG untouched
     with torch.random.fork_rng(devices=[]):
-        model = NemotronHForCausalLM(config).to(torch.float32)
+        # (transformers wraps .to with functools.wraps(nn.Module.to); typeshed's _Wrapped binds no self)
+        model = NemotronHForCausalLM(config).to(torch.float32)  # type: ignore[arg-type]  # wraps'd .to: self unbound
     randomize_(model, preset.seed if seed is None else seed)
     return model.eval()
 

@@ -50,6 +50,14 @@ class Entry:
     expert: int | None = None
 
 
+def _expert_of(e: Entry) -> int:
+    """The expert index of a per-expert slice (validate() refuses a tensor given both ways)."""
+    if e.expert is None:
+        raise WeightsError(f"{e.file}: tensor '{e.key}' is not an expert slice, but other files give its "
+                           "tensor per expert")
+    return e.expert
+
+
 def canonical_name(file_key: str) -> tuple[str | None, str, int | None]:
     """(canonical name or None, action, expert index) for a tensor name found in a file."""
     for rx, tmpl, action in _COMPILED:
@@ -57,6 +65,8 @@ def canonical_name(file_key: str) -> tuple[str | None, str, int | None]:
         if m:
             if action == "ignore":
                 return None, action, None
+            if tmpl is None:
+                raise ValueError(f"NAME_TABLE row {rx.pattern!r}: action {action!r} needs a name template")
             name = m.expand(tmpl)
             return name, action, int(m.group(2)) if action == "stack" else None
     return None, "unknown", None
@@ -162,9 +172,9 @@ class Checkpoint:
     def validate(self, graph: Graph) -> None:
         """Every tensor the graph reads is present with the right shape, and nothing else is."""
         expected = {t.name: t for t in graph.params}
-        for name, entries in self.entries.items():
+        for name, found in self.entries.items():
             if name not in expected:
-                e = entries[0]
+                e = found[0]
                 raise WeightsError(f"{e.file}: unexpected tensor '{e.key}' (no layer of this config reads it)")
         for name, spec in expected.items():
             entries = self.entries.get(name)
@@ -176,7 +186,7 @@ class Checkpoint:
             stacked = entries[0].expert is not None
             if stacked:
                 E = spec.shape[0]
-                have = sorted(e.expert for e in entries)
+                have = sorted(_expert_of(e) for e in entries)
                 dup = sorted({x for x in have if have.count(x) > 1})
                 if dup:
                     e = next(e for e in entries if e.expert == dup[0])
@@ -214,7 +224,7 @@ class Checkpoint:
             raise WeightsError(f"{self.dir}: missing tensor '{name}'")
         if entries[0].expert is None:
             return self._read(entries[0])
-        return torch.stack([self._read(e) for e in sorted(entries, key=lambda e: e.expert)])
+        return torch.stack([self._read(e) for e in sorted(entries, key=_expert_of)])
 
     def load(self, graph: Graph, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         """Validated tensors cast to the graph's storage dtypes (fp32 ones stay fp32).

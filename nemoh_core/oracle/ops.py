@@ -59,7 +59,9 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         state = x.new_zeros(Bsz, C, K - 1)
     full = torch.cat([state.to(x.dtype), x.transpose(1, 2)], dim=-1)  # [B, C, K-1+T]
     w = weight[:, 0, :]  # [C, K]
-    y = sum(w[:, k, None] * full[:, :, k:k + T] for k in range(K))  # [B, C, T]
+    y = w[:, 0, None] * full[:, :, 0:T]  # [B, C, T]
+    for k in range(1, K):
+        y = y + w[:, k, None] * full[:, :, k:k + T]
     if bias is not None:
         y = y + bias[:, None]
     return F.silu(y).transpose(1, 2), full[:, :, -(K - 1):]

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, cast, runtime_checkable
 
 import torch
 
@@ -126,7 +126,15 @@ def protocol_methods() -> list[str]:
 
 
 class BackendError(Exception):
-    """A backend's own method failed. Charged to the backend, never to the harness."""
+    """A backend's own method failed. Charged to the backend, never to the harness.
+
+    `context` is what the wrapper knows (backend, method, shapes, dtype, op) and `cause` the first
+    line of the original error, each held once: a reader that shows the cause first and the context
+    after (nemoh.conformance.blame.describe_exc) repeats neither."""
+
+    def __init__(self, message: str, *, context: str = "", cause: str = ""):
+        super().__init__(message)
+        self.context, self.cause = context, cause
 
 
 def _shape(x: Any) -> str:
@@ -156,12 +164,14 @@ def _wrap(method):
             args_s = ", ".join(_shape(a) for a in args if a is not None)
             where = f" at {self._nemoh_at}" if self._nemoh_at else ""
             first = (str(e).splitlines() or [""])[0]
-            raise BackendError(f"backend '{self.name}' {method.__name__}({args_s}) at {dtype}{where}: "
-                               f"{type(e).__name__}: {first}") from e
+            context = f"backend '{self.name}' {method.__name__}({args_s}) at {dtype}{where}"
+            cause = f"{type(e).__name__}: {first}"
+            raise BackendError(f"{context}: {cause}", context=context, cause=cause) from e
         finally:
             self._nemoh_in_call = False
 
-    call.__nemoh_wrapped__ = True
+    # functools.wraps' return type (_Wrapped) declares no attributes of its own; this marker is ours
+    call.__nemoh_wrapped__ = True  # type: ignore[attr-defined]
     return call
 
 
@@ -212,7 +222,8 @@ class BackendBase:
         return Support.yes()
 
     def copy_state(self, state: Any) -> Any:
-        return self.import_state(self.export_state(state))
+        be = cast(Backend, self)  # export_state / import_state are the subclass's (required above)
+        return be.import_state(be.export_state(state))
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "class": f"{type(self).__module__}.{type(self).__qualname__}"}

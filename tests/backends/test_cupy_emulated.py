@@ -16,6 +16,8 @@ runs of test_cupy_gpu.py's shared checks on it belong to one device, the emulato
 
 from __future__ import annotations
 
+import contextlib
+
 import re
 import shutil
 import time
@@ -87,6 +89,9 @@ class EmuDev:
 
     def addr(self, a: np.ndarray) -> int:
         return a.__array_interface__["data"][0]
+
+    def scope(self):
+        return contextlib.nullcontext()  # one host thread: nothing to order
 
 
 @pytest.fixture(scope="module", autouse=True)

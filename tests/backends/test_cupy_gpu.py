@@ -76,6 +76,9 @@ class CupyDev:
     def addr(self, a) -> int:
         return self.be.dev.addr(a)
 
+    def scope(self):
+        return self.be.dev.scope()
+
 
 def kname(dev, stem: str) -> str:
     """The entry point of kernel `stem` for the device's dtype (dtype-free kernels keep their name)."""
@@ -99,7 +102,8 @@ def lim(dev) -> float:
 def poison(dev, shape, dtype=None):
     """An output buffer full of NaN, so an element the kernel never writes fails the comparison."""
     a = dev.empty(shape, dtype or dev.dtype)
-    a.fill(0x7FC0 if (dtype or dev.dtype) == "bfloat16" else np.nan)
+    with dev.scope():  # on the stream the kernel will run on: the legacy stream would race with it
+        a.fill(0x7FC0 if (dtype or dev.dtype) == "bfloat16" else np.nan)
     return a
 
 

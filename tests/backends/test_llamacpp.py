@@ -54,6 +54,32 @@ def test_kl_stats_identity_and_standard_errors():
     assert 0 < s["top1"] < 1 and s["top1_se"] == pytest.approx(math.sqrt(s["top1"] * (1 - s["top1"]) / 150))
 
 
+# -- the GGUF cache key (no llama.cpp needed) ---------------------------------------------------------
+
+@pytest.mark.parametrize("changed", ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                                     "config.json", "model.safetensors"])
+def test_gguf_cache_key_covers_every_file_the_conversion_reads(tmp_path, changed):
+    """The converter reads the tokenizer files too: a new vocabulary must not be served the old GGUF."""
+    from nemoh.backends import llamacpp_convert as conv
+
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    files = {"config.json": '{"vocab_size": 8}', "model.safetensors": "weights",
+             "tokenizer.json": '{"model": {"vocab": {"a": 0, "b": 1}}}', "tokenizer_config.json": "{}",
+             "special_tokens_map.json": "{}"}
+    for name, text in files.items():
+        (ck / name).write_text(text)
+    before = conv.checkpoint_hash(ck)
+    assert conv.checkpoint_hash(ck) == before  # a key, not a nonce
+    (ck / changed).write_text(files[changed] + " ")
+    assert conv.checkpoint_hash(ck) != before, f"{changed} changed but the GGUF cache key did not"
+    (ck / changed).write_text(files[changed])
+    assert conv.checkpoint_hash(ck) == before
+    (ck / ".cache").mkdir()  # a hub download's bookkeeping is not read by the converter
+    (ck / ".cache" / "x.metadata").write_text("etag")
+    assert conv.checkpoint_hash(ck) == before
+
+
 # -- with llama.cpp ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

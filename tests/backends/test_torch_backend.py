@@ -10,7 +10,7 @@ from model_checks import assert_close, open_cached, oracle_logits, prompt
 from nemoh import oracle
 from nemoh.conformance.tolerances import rel_max_abs, tol, top1_agreement
 from nemoh.model.presets import PRESETS, resolve_model
-from nemoh.oracle.reference import load_reference, reference_logits
+from nemoh.oracle.reference import load_reference, reference_logits, remove_dt_clamp
 from nemoh.runtime.session import greedy_generate
 
 NAMES = sorted(PRESETS)
@@ -39,16 +39,31 @@ def test_oracle_equals_transformers_fp64(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_reference_dt_clamp_is_observable_and_explained(name):
-    """transformers as shipped clamps dt at time_step_min in prefill. On these presets (dt on both
-    sides of time_step_min) that moves the logits far outside tolerance, and the oracle with the
-    same clamp reproduces it: the deviation is exactly the clamp."""
+def test_reference_dt_clamp_is_exactly_the_clamp(name):
+    """transformers 5.15-5.24 as shipped clamp dt at time_step_min in prefill; other versions take the
+    config's limit. Whatever is installed, the shipped reference equals nemoh's oracle with the clamp the
+    installed version's mixers apply, the corrected reference equals the oracle's intended math, and on these
+    presets (dt on both sides of time_step_min) a clamp moves the logits by over 100x the fp32 tolerance, so
+    a reference or an executor with it cannot pass for one without it."""
     m = model(name, "float64")
+    params = m.checkpoint.load(m.graph)
     hf = load_reference(resolve_model(name), "float64", intended=False)
+    low = max(float(layer.mixer.time_step_limit[0]) for layer in hf.model.layers
+              if hasattr(layer.mixer, "time_step_limit"))
+    assert low in (m.config.time_step_limit[0], m.config.time_step_min)  # no clamp, or the 5.15-5.24 one
+    clamped = oracle.run(m.graph, params, prompt(), dt_clamp_min=m.config.time_step_min)
+    assert rel_max_abs(clamped, oracle_logits(name)) > 100 * tol("logits_rel_max_abs", "float32")
     shipped = reference_logits(hf, prompt())
-    assert rel_max_abs(shipped, oracle_logits(name)) > 100 * tol("logits_rel_max_abs", "float32")
-    clamped = oracle.run(m.graph, m.checkpoint.load(m.graph), prompt(), dt_clamp_min=m.config.time_step_min)
-    assert_close(shipped, clamped, "logits_rel_max_abs", "float32", name)
+    expect = clamped if low == m.config.time_step_min else oracle_logits(name)
+    assert_close(shipped, expect, "logits_rel_max_abs", "float32", f"{name}: shipped reference (dt limit {low})")
+    # force the 5.15-5.24 clamp onto the installed version: reproduced by the clamped oracle, and removed again
+    # by remove_dt_clamp, the loader's correction
+    for layer in hf.model.layers:
+        if hasattr(layer.mixer, "time_step_limit"):
+            layer.mixer.time_step_limit = (m.config.time_step_min, float("inf"))
+    assert_close(reference_logits(hf, prompt()), clamped, "logits_rel_max_abs", "float32", f"{name} forced clamp")
+    assert_close(reference_logits(remove_dt_clamp(hf), prompt()), oracle_logits(name), "logits_rel_max_abs",
+                 "float32", f"{name} corrected")
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -433,3 +433,31 @@ def test_cli_unknown_backend_and_model(capsys):
     assert e.value.code == 2
     assert main(["--list-presets"]) == 0
     assert "nemotron-3-nano-30b-a3b" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_16_bit_run_completes_with_its_tie_margin_from_the_table(tmp_path, capsys, dtype):
+    """nemoh-bench --dtype bfloat16 used to crash on a missing tolerance row (KeyError, exit 1, no report)."""
+    from nemoh.bench.plan import tie_tolerance
+    from nemoh.conformance.tolerances import TOLERANCES
+
+    out = tmp_path / "r.json"
+    code = main(["--backend", "torch", "--model", "tiny-dense", "--dtype", dtype, "--prompt-lengths", "8",
+                 "--context-depths", "6", "--decode-tokens", "3", "--repeats", "1", "--warmup", "0", "--no-progress",
+                 "--device", "cpu", "--json", str(out)])
+    text = capsys.readouterr()
+    assert code == 0, text
+    res = json.loads(out.read_text())
+    jsonschema.validate(res, schema(), cls=jsonschema.Draft202012Validator)
+    assert res["tie_tolerance"] == TOLERANCES[("greedy_tie_margin", dtype)].value == tie_tolerance(dtype)
+    assert TOLERANCES[("greedy_tie_margin", dtype)].reason.strip()
+
+
+def test_every_dtype_has_a_tie_margin_and_a_missing_one_is_named():
+    from nemoh import dtypes
+    from nemoh.bench.plan import tie_tolerance
+
+    for d in dtypes.NAMES:
+        assert tie_tolerance(d) > 0
+    with pytest.raises(NemohError, match="greedy_tie_margin row for int8"):
+        tie_tolerance("int8")

@@ -111,3 +111,34 @@ def test_capability_query():
     assert not be.supports("rotary_embedding", "float32").ok
     no = be.supports("linear", "float8_e4m3")
     assert not no.ok and "float8_e4m3" in no.reason
+
+
+def test_generate_on_a_preset_says_the_weights_are_random_and_escapes_what_a_terminal_would_run(capsys):
+    """A random-weight preset generates bytes that are not text: control characters (an escape sequence
+    could rewrite the terminal) and U+FFFD are shown as escapes, with a note, and the weights are named random."""
+    import unicodedata
+
+    assert main(["generate", "tiny-moe", "--prompt", "The cat", "-n", "24"]) == 0
+    cap = capsys.readouterr()
+    assert "random weights" in cap.err
+    raw = [ch for ch in cap.out if ch == "\ufffd" or (unicodedata.category(ch)[0] == "C" and ch not in "\n\t")]
+    assert not raw, [hex(ord(ch)) for ch in raw]
+    assert cap.out.startswith("The cat")
+    # the seeded preset's 24 tokens hold both (the issue's own example); each one is said
+    assert "\\x1f" in cap.out and "\\ufffd" in cap.out and "shown as escapes" in cap.err
+
+
+def test_printable_escapes_control_characters_and_replacement_chars():
+    from nemoh.display import printable
+
+    assert printable("ok\tline\n") == ("ok\tline\n", 0)
+    assert printable("a\x1b[2Jb\ufffdc\x7f\u200bé") == ("a\\x1b[2Jb\\ufffdc\\x7f\\u200bé", 4)
+
+
+def test_a_directory_named_like_a_preset_is_a_checkpoint_not_random_weights(tmp_path, monkeypatch):
+    from nemoh.cli import _is_preset
+
+    assert _is_preset("tiny-moe") and not _is_preset("no-such-preset")
+    (tmp_path / "tiny-moe").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert not _is_preset("tiny-moe")  # a directory of that name is a checkpoint, not the preset

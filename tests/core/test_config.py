@@ -270,3 +270,46 @@ def test_presets_made_from_releases_keep_what_mappings_depend_on(path):
     assert small.chunk_size < 64  # a 64-token prompt spans two scan chunks
     assert small.hidden_size % 32 == 0  # every matrix quantizes in 32-wide blocks (llama.cpp Q8_0, Q4_0)
     assert build_graph(small).params_total < 10_000_000
+
+
+@pytest.mark.parametrize("limit", [(0.0, math.inf), (0.0, 0.5)])
+def test_checkpoint_saved_by_installed_transformers_is_read(tmp_path, limit, capsys):
+    """transformers >= 5.3 writes non-finite floats in config.json as {"__float__": "Infinity"}; a checkpoint
+    saved by the installed transformers with time_step_limit=(0, inf) loads, inspects and verifies."""
+    transformers = pytest.importorskip("transformers")
+    from nemoh.cli import main
+    from nemoh.model.presets import resolve_model
+
+    raw = json.loads((resolve_model("tiny-list") / "config.json").read_text())
+    hc = transformers.NemotronHConfig(**{**raw, "time_step_limit": limit})
+    model = transformers.NemotronHForCausalLM(hc)
+    model.save_pretrained(tmp_path)
+    text = (tmp_path / "config.json").read_text()
+    assert ('"__float__": "Infinity"' in text) == math.isinf(limit[1])  # what the installed version writes
+    assert load_config(tmp_path).time_step_limit == limit
+    assert tuple(transformers.AutoConfig.from_pretrained(tmp_path).time_step_limit) == limit
+    assert main(["inspect", str(tmp_path)]) == 0
+    assert main(["verify", str(tmp_path)]) == 0, capsys.readouterr()
+
+
+@pytest.mark.parametrize("tagged,field", [
+    ({"time_step_limit": [0.0, {"__float__": "Inf"}]}, "time_step_limit[1]"),
+    ({"time_step_limit": [0.0, {"__float__": "Infinity", "x": 1}]}, "time_step_limit[1]"),
+    ({"time_step_limit": [0.0, {"__float__": 1e9}]}, "time_step_limit[1]"),
+    ({"time_step_limit": [{"__float__": "NaN"}, 1.0]}, "time_step_limit"),
+    ({"time_step_limit": [0.0, {"__float__": "-Infinity"}]}, "time_step_limit"),
+    ({"layer_norm_epsilon": {"__float__": "NaN"}}, "layer_norm_epsilon"),
+])
+def test_tagged_floats_other_than_transformers_spellings_are_refused_by_name(tmp_path, tagged, field):
+    (tmp_path / "config.json").write_text(json.dumps({**BASE, "hybrid_override_pattern": "M*-", **tagged}))
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path)
+    msg = str(e.value)
+    assert f"field '{field}'" in msg and "config.json" in msg and "\n" not in msg
+
+
+def test_every_spelling_transformers_reads(tmp_path):
+    for text in ('[0.0, Infinity]', '[0.0, {"__float__": "Infinity"}]'):
+        (tmp_path / "config.json").write_text(
+            json.dumps({**BASE, "hybrid_override_pattern": "M*-"})[:-1] + f', "time_step_limit": {text}}}')
+        assert load_config(tmp_path).time_step_limit == (0.0, math.inf), text

@@ -132,14 +132,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     m = open_model(args.model, args.backend, args.dtype, args.device)
     for n in m.checkpoint.notices:
         print(f"note: {n}", file=sys.stderr)
-    if _is_preset(args.model):
-        print(f"note: {args.model} is a preset with random weights: the tokens check the executor, they are not "
-              "meaningful text", file=sys.stderr)
     if ids is None:
         ids = load_tokenizer(m.path).encode(args.prompt)
     check_ids([ids], m.config.vocab_size)
     check_generation(m.config, len(ids), args.max_new_tokens)  # sizes up front: positions, then memory
     check_fits(m.graph, args.device, tokens=len(ids) + args.max_new_tokens)
+    if _is_preset(args.model):  # after the input checks: a bad input's error stays the one line on stderr
+        print(f"note: {args.model} is a preset with random weights: the tokens check the executor, they are not "
+              "meaningful text", file=sys.stderr)
     if args.prompt is None:
         toks, _ = greedy_generate(m, [ids], args.max_new_tokens)
         print(",".join(str(t) for t in toks[0].tolist()))

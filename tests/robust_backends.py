@@ -92,7 +92,7 @@ SMALL_SPLITS = {"1+rest": [1, SMALL_T - 1], "1x6+rest": [1] * 6 + [SMALL_T - 6],
 
 
 def _cases(ctx) -> list[Case]:
-    return [Case(SUITE_NAME, f"split={k},T={SMALL_T},B={prefill_chunks.B}", (("split", tuple(v)), ("T", SMALL_T)),
+    return [Case(SUITE_NAME, f"split={k},T={SMALL_T},B=2", (("split", tuple(v)), ("T", SMALL_T), ("B", 2)),
                  seed=7) for k, v in SMALL_SPLITS.items()]
 
 
@@ -102,8 +102,8 @@ SUITE = Suite(SUITE_NAME, "three prefill-chunks cases; split=1x6+rest triggers t
 
 
 def _random_cases(ctx) -> list[Case]:
-    return [Case("prefill-random", f"random,seed={seed},T={SMALL_T},B={prefill_chunks.B}",
-                 (("split", "random"), ("T", SMALL_T)), seed=seed) for seed in (1,)]
+    return [Case("prefill-random", f"random,seed={seed},T={SMALL_T},B=2",
+                 (("split", "random"), ("T", SMALL_T), ("B", 2)), seed=seed) for seed in (1,)]
 
 
 #: only the random-partition cases of prefill-chunks

@@ -11,7 +11,7 @@ backend's `load(graph, checkpoint, device=)` calls (`load(graph)`, `read(name)`,
 moves them with `.to(device)` (the PyTorch executor) takes them without a copy.
 
 The transformers reference of a bench preset is built on the meta device and given the same
-tensors (`load_state_dict(assign=True)`), with its dt clamp removed as in
+tensors (`load_state_dict(assign=True)`), with any dt clamp removed as in
 `nemoh.oracle.reference.load_reference(..., intended=True)`.
 """
 
@@ -259,8 +259,8 @@ class HFRunner:
         return {"backend": "hf", "device": str(self.device), "transformers": transformers.__version__,
                 "torch": torch.__version__, "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
                 "attn_implementation": self.model.config._attn_implementation,
-                "note": "dt clamp removed (intended semantics), eager experts, no mamba_ssm/causal_conv1d kernels"
-                        if not _has_kernels() else "dt clamp removed (intended semantics), eager experts"}
+                "note": getattr(self.model, "nemoh_dt_note", "dt limit as shipped") + ", eager experts"
+                        + ("" if _has_kernels() else ", no mamba_ssm/causal_conv1d kernels")}
 
     def new(self, batch: int):
         return {"cache": None}

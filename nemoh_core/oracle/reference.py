@@ -46,11 +46,20 @@ def load_reference(path: str | Path, dtype: str = "float32", *, intended: bool =
 
 
 def remove_dt_clamp(model):
-    """Set each Mamba mixer's dt limit back to the config's time_step_limit (the intended math)."""
+    """Set each Mamba mixer's dt limit back to the config's time_step_limit (the intended math). Records in
+    `model.nemoh_dt_note` what that changed: transformers 5.15-5.24 clamp dt at time_step_min in prefill,
+    other versions take the config's limit already (nemoh.conformance.deviations)."""
+    import transformers
+
     limit = tuple(float(x) for x in model.config.time_step_limit)
+    changed = False
     for layer in model.model.layers:
         if hasattr(layer.mixer, "time_step_limit"):
+            changed |= tuple(float(x) for x in layer.mixer.time_step_limit) != limit
             layer.mixer.time_step_limit = limit
+    version = transformers.__version__
+    model.nemoh_dt_note = (f"dt clamp of transformers {version} removed (intended semantics)" if changed else
+                           f"no dt clamp in transformers {version} (its prefill takes the config's limit)")
     return model
 
 

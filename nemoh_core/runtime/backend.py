@@ -170,8 +170,7 @@ def _wrap(method):
         finally:
             self._nemoh_in_call = False
 
-    # functools.wraps' return type (_Wrapped) declares no attributes of its own; this marker is ours
-    call.__nemoh_wrapped__ = True  # type: ignore[attr-defined]
+    call.__nemoh_wrapped__ = True  # type: ignore[attr-defined]  # functools.wraps' _Wrapped declares no own attributes
     return call
 
 

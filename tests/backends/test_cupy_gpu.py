@@ -255,11 +255,12 @@ def _kv_state(dev, B, S, Smax, KV, Dh, seed):
     k = torch.randn(B, S, KV, Dh, generator=g).to(tdt(dev))
     v = torch.randn(B, S, KV, Dh, generator=g).to(tdt(dev))
     kc, vc = dev.zeros((B, Smax, KV, Dh), dev.dtype), dev.zeros((B, Smax, KV, Dh), dev.dtype)
-    kc[:, :S], vc[:, :S] = dev.up(k), dev.up(v)
     km = torch.ones(B, S, dtype=torch.int32)
     km[1, :5] = 0  # row 1 was left padded
     kmask = dev.zeros((B, Smax), "int32")
-    kmask[:, :S] = dev.arr(km.numpy())
+    with dev.scope():  # the copies on the stream that zeroed the buffers (the legacy stream would race with it)
+        kc[:, :S], vc[:, :S] = dev.up(k), dev.up(v)
+        kmask[:, :S] = dev.arr(km.numpy())
     return k, v, km, kc, vc, kmask
 
 

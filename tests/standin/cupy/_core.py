@@ -20,6 +20,9 @@ each call doing on the CPU what it does on a GPU:
   cuBLAS     gemmEx on raw pointers, column-major, alpha/beta read from host pointers, on the handle's
              stream (the handle starts on the legacy stream, as CuPy's shared handle may be)
 
+Why one file: memory, streams, capture, kernels and cuBLAS share one model of device state (the allocations
+and the stream each last touched them from); split up, every part would reach into the others' globals.
+
 These are nemoh's assumptions about CuPy and CUDA, written down and checked; only a real GPU can confirm
 them (tests/backends/test_cupy_gpu.py on a GPU, and tests/backends/test_cupy_standin.py compares these
 signatures with the real ones where cupy is importable).
@@ -111,8 +114,9 @@ def resolve(addr: int, what: str) -> tuple[_Allocation, np.ndarray]:
     raise StandinError(f"{what}: address {addr:#x} lies in no live device allocation (freed, or out of range)")
 
 
-def _allocation_of(a: np.ndarray) -> _Allocation:
-    return resolve(a.__array_interface__["data"][0], "array")[0]
+def _allocation_of(a: np.ndarray) -> list[_Allocation]:
+    """The allocation under array `a` (none for an empty view: it touches no memory)."""
+    return [resolve(a.__array_interface__["data"][0], "array")[0]] if a.size else []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,7 +306,7 @@ class ndarray:
         if not np.shares_memory(out, self._a):  # CuPy copies too when it cannot view: on the current stream
             dst = _allocate(out.shape, out.dtype)
             src = self._a
-            _issue(get_current_stream(), "reshape copy", [_allocation_of(src), _allocation_of(dst)],
+            _issue(get_current_stream(), "reshape copy", _allocation_of(src) + _allocation_of(dst),
                    lambda s: np.copyto(dst, src.reshape(dst.shape, order=order)))
             return ndarray(dst)
         return ndarray(out)
@@ -315,22 +319,22 @@ class ndarray:
         dst = self._a[key]
         if isinstance(value, ndarray):
             src = value._a
-            _issue(get_current_stream(), "device copy (setitem)", [_allocation_of(self._a), _allocation_of(src)],
+            _issue(get_current_stream(), "device copy (setitem)", _allocation_of(self._a) + _allocation_of(src),
                    lambda s: np.copyto(dst, src))
         elif isinstance(value, (int, float, np.generic)) and not isinstance(value, np.ndarray):
-            _issue(get_current_stream(), "fill (setitem)", [_allocation_of(self._a)], lambda s: dst.fill(value))
+            _issue(get_current_stream(), "fill (setitem)", _allocation_of(self._a), lambda s: dst.fill(value))
         else:
             raise TypeError(f"standin: assigning a {type(value).__name__} into a device array; upload it first "
                             "(cupy.asarray) so that the copy's stream is explicit")
 
     def fill(self, value: Any) -> None:
         a = self._a
-        _issue(get_current_stream(), "fill", [_allocation_of(a)], lambda s: a.fill(value))
+        _issue(get_current_stream(), "fill", _allocation_of(a), lambda s: a.fill(value))
 
     def copy(self, order: str = "C") -> ndarray:
         dst = _allocate(self.shape, self.dtype)
         src = self._a
-        _issue(get_current_stream(), "copy", [_allocation_of(src), _allocation_of(dst)],
+        _issue(get_current_stream(), "copy", _allocation_of(src) + _allocation_of(dst),
                lambda s: np.copyto(dst, src))
         return ndarray(dst)
 
@@ -339,7 +343,7 @@ class ndarray:
             blocking: bool = True) -> np.ndarray:
         _no_capture("ndarray.get (a device-to-host copy)")
         s = stream or get_current_stream()
-        _touch(s, [_allocation_of(self._a)], "ndarray.get")
+        _touch(s, _allocation_of(self._a), "ndarray.get")
         h = np.array(self._a, copy=True, order=order)
         if blocking:
             s.synchronize()
@@ -353,7 +357,7 @@ class ndarray:
         if not isinstance(arr, np.ndarray) or arr.shape != self.shape or arr.dtype != self.dtype:
             raise ValueError(f"standin: set() needs a numpy array of shape {self.shape} and dtype {self.dtype}, "
                              f"got {getattr(arr, 'shape', type(arr))} {getattr(arr, 'dtype', '')}")
-        _touch(stream or get_current_stream(), [_allocation_of(self._a)], "ndarray.set")
+        _touch(stream or get_current_stream(), _allocation_of(self._a), "ndarray.set")
         np.copyto(self._a, arr)
 
 
@@ -374,7 +378,7 @@ def asarray(a: Any, dtype: Any = None, order: str | None = None, copy: bool | No
     _no_capture("cupy.asarray (a host-to-device copy)")
     h = np.asarray(a, dtype=dtype)
     out = _allocate(h.shape, h.dtype)
-    _touch(get_current_stream(), [_allocation_of(out)], "cupy.asarray")
+    _touch(get_current_stream(), _allocation_of(out), "cupy.asarray")
     np.copyto(out, h)
     return ndarray(out)
 

@@ -150,8 +150,8 @@ def llamacpp(session: nox.Session) -> None:
                         "--html", str(out / f"{preset}.{backend}.html"), "--no-progress", success_codes=[0, 1])
 
 
-#: the transformers versions the reference is tested on: the oldest the pin allows (5.3.0, the first with
-#: Nemotron-H), the last that clamps dt in prefill (a known deviation, nemoh/conformance/deviations.py), and the
+#: the transformers versions the reference is tested on: the oldest the pin allows (5.17.0; 5.3.0, the first with
+#: Nemotron-H, fails the conformance tests), the last that clamps dt in prefill (a known deviation, nemoh/conformance/deviations.py), and the
 #: newest (None: whatever pip resolves today, as a fresh install gets; .ci/run's default test run is that one)
 TRANSFORMERS_VERSIONS = {"oldest": "5.17.0", "last-dt-clamp": "5.24.0", "newest": None}
 
@@ -164,7 +164,7 @@ def transformers_range(session: nox.Session, which: str) -> None:
     `nox -s transformers-range` runs all three; `nox -s "transformers-range(which='oldest')"` one."""
     install(session)
     version = TRANSFORMERS_VERSIONS[which]
-    session.install(f"transformers=={version}" if version else "transformers>=5.3,<6", "--upgrade")
+    session.install(f"transformers=={version}" if version else "transformers>=5.17,<6", "--upgrade")
     session.run("python", "-c", "import transformers; print('transformers', transformers.__version__)")
     session.run("pytest", "-q", "-p", "no:cacheprovider", "tests/core/test_deviations.py",
                 "tests/core/test_conformance.py", "tests/backends/test_torch_backend.py", "tests/core/test_config.py",

@@ -430,7 +430,8 @@ def test_gemv_and_cublas_linear(kb, M):
     kb.p = {"t.weight": kb._upload(W)}
     y = poison(CupyDev(kb), (M, R))
     with kb.dev.scope():
-        kb._linear("t", kb._ptr(kb._upload(x)), Cc, kb._ptr(y), R, M, act=True)  # M <= 8: GEMV; 11: cuBLAS + relu2
+        xd = kb._upload(x)  # held: a raw pointer into a temporary would point into freed memory at the launch
+        kb._linear("t", kb._ptr(xd), Cc, kb._ptr(y), R, M, act=True)  # M <= 8: GEMV; 11: cuBLAS + relu2
     ref = torch.relu(x.double() @ W.double().T).square()
     assert rel_max_abs(kb._download(y, kb.dtype).double(), ref) < lim(kb) * 2
 

@@ -108,7 +108,7 @@ def eval_(session: nox.Session) -> None:
 def cupy_emulated(session: nox.Session) -> None:
     """The CuPy executor on the CPU: its CUDA kernels compiled by g++ and run by the emulator
     (backends/cuda_emu.py), every kernel check and every check of the real `cupy` backend through the CuPy
-    stand-in (tests/standin), slow ones included, then every preset (those made from released configs too) x
+    stand-in (tests/standin), slow ones included, the whole GPU test file through the stand-in, then every preset (those made from released configs too) x
     (float32, bfloat16) through every suite on `cupy-emulated`, into artifacts/cupy-emulated/.
     `nox -s cupy-emulated -- PRESET...` narrows the presets; `-- --standin PRESET...` runs their conformance on
     the real `cupy` backend through the stand-in instead (CupyDevice and all). Timings are the emulator's."""
@@ -117,6 +117,10 @@ def cupy_emulated(session: nox.Session) -> None:
                 "tests/backends/test_cupy_emulated.py", "tests/backends/test_cupy_limits.py",
                 "tests/backends/test_cupy_standin.py",
                 env={"NEMOH_EMU_SCHEDULES": "2"})  # the kernel checks always compare two schedules
+    # the GPU test file itself, every test of it, through the CuPy stand-in: what a GPU visit will run has run here
+    # (it found three races of the tests' own before a second GPU run)
+    session.run("pytest", "-q", "-p", "no:cacheprovider", "tests/backends/test_cupy_gpu.py",
+                env={"NEMOH_CUPY_STANDIN": "1", "NEMOH_EMU_SCHEDULES": "1"})
     out = Path("artifacts/cupy-emulated")
     out.mkdir(parents=True, exist_ok=True)
     args = list(session.posargs)

@@ -108,8 +108,9 @@ def eval_(session: nox.Session) -> None:
 def cupy_emulated(session: nox.Session) -> None:
     """The CuPy executor on the CPU: its CUDA kernels compiled by g++ and run by the emulator
     (backends/cuda_emu.py), every kernel check and every check of the real `cupy` backend through the CuPy
-    stand-in (tests/standin), slow ones included, the whole GPU test file through the stand-in, then every preset (those made from released configs too) x
-    (float32, bfloat16) through every suite on `cupy-emulated`, into artifacts/cupy-emulated/.
+    stand-in (tests/standin), slow ones included, the whole GPU test file through the stand-in, then every preset
+    (those made from released configs too) x (float32, bfloat16) through every suite on `cupy-emulated`, into
+    artifacts/cupy-emulated/.
     `nox -s cupy-emulated -- PRESET...` narrows the presets; `-- --standin PRESET...` runs their conformance on
     the real `cupy` backend through the stand-in instead (CupyDevice and all). Timings are the emulator's."""
     install(session)
@@ -155,8 +156,9 @@ def llamacpp(session: nox.Session) -> None:
 
 
 #: the transformers versions the reference is tested on: the oldest the pin allows (5.17.0; 5.3.0, the first with
-#: Nemotron-H, fails the conformance tests), the last that clamps dt in prefill (a known deviation, nemoh/conformance/deviations.py), and the
-#: newest (None: whatever pip resolves today, as a fresh install gets; .ci/run's default test run is that one)
+#: Nemotron-H, fails the conformance tests), the last that clamps dt in prefill (a known deviation,
+#: nemoh/conformance/deviations.py), and the newest (None: whatever pip resolves today, as a fresh install
+#: gets; .ci/run's default test run is that one)
 TRANSFORMERS_VERSIONS = {"oldest": "5.17.0", "last-dt-clamp": "5.24.0", "newest": None}
 
 

@@ -38,10 +38,11 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent
 PRESETS = ("tiny-moe", "tiny-nano-30b", "tiny-latent-moe", "tiny-8b", "tiny-dense", "tiny-list")  # in order
 BENCH_MODELS = ("nemotron-nano-9b-v2", "nemotron-3-nano-30b-a3b")
-#: seconds per step on an H200 (the whole run: at most 6 minutes). Steps 1-3 are mostly kernel compiles and
-#: small launches; conformance shares one budget over the presets (each under --case-timeout); the bench
-#: models are built on the device (random weights), measured, and released one runner at a time
-BUDGET = {"environment": 15, "kernels": 60, "gpu tests": 90, "conformance": 75, "bench": 110}
+#: seconds per step on an H200 (the whole run: at most 6 minutes). Measured there on 2026-12-04 (NOTES.md):
+#: environment 8 s, kernels 24 s, gpu tests 41 s, conformance 28-36 s a preset (the fp64 oracle and transformers
+#: run on the host), bench 70 s at 9B and about 80 s at 30B. The presets share one budget, in the order of
+#: PRESETS; those it cannot reach are listed NOT RUN in the summary (run them as a second command)
+BUDGET = {"environment": 15, "kernels": 40, "gpu tests": 60, "conformance": 115, "bench": 130}
 #: the dry run on a 2-core CPU (CI): the same steps at small sizes
 DRY_BUDGET = {"environment": 60, "kernels": 240, "gpu tests": 300, "conformance": 240, "bench": 240}
 

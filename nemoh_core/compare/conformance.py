@@ -47,6 +47,9 @@ def _diff(a: dict[str, Any], b: dict[str, Any], keys: list[str] | None = None) -
 
 
 DEVICE_KEYS = ["platform", "machine", "cpu_count", "torch_threads", "cuda_available", "cuda", "python"]
+#: describe() entries that differ on every run and say nothing about the environment (the onnx backend's
+#: temporary model file)
+RUN_LOCAL_KEYS = ("torch", "model_file")
 
 
 def environment(rb: dict[str, Any], rn: dict[str, Any]) -> dict[str, Any]:
@@ -56,7 +59,7 @@ def environment(rb: dict[str, Any], rn: dict[str, Any]) -> dict[str, Any]:
     dn = {f"{r['backend']}/{r['dtype']}": r.get("describe", {}) for r in rn["runs"]}
     for k in sorted(set(db) & set(dn)):
         device += [{"name": f"{k} {d['name']}", "base": d["base"], "new": d["new"]}
-                   for d in _diff(db[k], dn[k]) if d["name"] not in ("torch",)]
+                   for d in _diff(db[k], dn[k]) if d["name"] not in RUN_LOCAL_KEYS]
     tb = {f"{t['metric']} @ {t['dtype']}": t["value"] for t in rb["tolerances"]}
     tn = {f"{t['metric']} @ {t['dtype']}": t["value"] for t in rn["tolerances"]}
     devs = []

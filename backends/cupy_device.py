@@ -227,8 +227,9 @@ class CupyDevice:
 
     # work
     def launch(self, kern, launch: LaunchShape, args) -> None:
-        with self.stream:
-            kern(launch.grid, launch.block, tuple(launch_arg(a) for a in args), shared_mem=launch.shared_mem)
+        """On the current stream: the backend's launches run inside scope() (a per-launch context would cost
+        every decode step's eager launches)."""
+        kern(launch.grid, launch.block, tuple(launch_arg(a) for a in args), shared_mem=launch.shared_mem)
 
     def gemm(self, dtype: str, x: Ptr, ldx: int, w: Ptr, y: Ptr, ldy: int, M: int, N: int, K: int) -> None:
         """y[M, N] = x[M, K] @ w[N, K]^T (row-major, leading dims ldx/K/ldy), fp32 accumulation."""

@@ -209,12 +209,12 @@ def test_a_fill_outside_the_devices_stream_is_a_race(standin):
     be.init_device("float32")
     x, y, out = be._empty((8,), "float32"), be._zeros((8,), "float32"), be._empty((8,), "float32")
     x.fill(1.0)  # outside dev.scope(): the legacy default stream
-    with pytest.raises(Exception, match="race"):
+    with pytest.raises(Exception, match="race"), be.dev.scope():
         be._run(be._k("add"), cb.launch_grid_stride(8, "add"), x, y, out, np.int64(8))
     standin.cuda.Stream.null.synchronize()  # the legacy stream's fill is done: ordered from here on
     with be.dev.scope():  # the same fill on the device's stream: fine
         x.fill(1.0)
-    be._run(be._k("add"), cb.launch_grid_stride(8, "add"), x, y, out, np.int64(8))
+        be._run(be._k("add"), cb.launch_grid_stride(8, "add"), x, y, out, np.int64(8))
     assert be._download(out, "float32").tolist() == [1.0] * 8
 
 

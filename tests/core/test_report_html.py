@@ -39,16 +39,20 @@ def failing_page(tmp_path_factory):
     return report, out / "report.html"
 
 
-def look(page, tmp_path) -> tuple[int, int, str]:
-    """(page height less the per-run case tables, bottom of the headline, its text) as Chromium lays the
-    page out at 1280x900."""
+def measured_title(page, tmp_path, script: str) -> str:
+    """The page's <title> after `script` (appended to the body) wrote its measurements there, as Chromium
+    lays the page out at 1280x900."""
     probe = tmp_path / "probe.html"
-    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", MEASURE + "</body>"), encoding="utf-8")
+    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", script + "</body>"), encoding="utf-8")
     dom = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
                           f"--window-size={SCREEN[0]},{SCREEN[1]}", "--dump-dom", probe.as_uri()],
                          capture_output=True, text=True, timeout=120).stdout
-    title = html.unescape(re.search(r"<title>(.*?)</title>", dom, re.S).group(1))
-    height, bottom, text = title.split("|", 2)
+    return html.unescape(re.search(r"<title>(.*?)</title>", dom, re.S).group(1))
+
+
+def look(page, tmp_path) -> tuple[int, int, str]:
+    """(page height less the per-run case tables, bottom of the headline, its text)."""
+    height, bottom, text = measured_title(page, tmp_path, MEASURE).split("|", 2)
     return int(height), int(bottom), text
 
 
@@ -118,12 +122,7 @@ def test_failing_page_shows_its_detail_open(failing_page):
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
 def test_failing_page_fits_a_1280_px_window(failing_page, tmp_path):
     _, page = failing_page
-    probe = tmp_path / "wide.html"
-    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", WIDE + "</body>"), encoding="utf-8")
-    dom = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
-                          f"--window-size={SCREEN[0]},{SCREEN[1]}", "--dump-dom", probe.as_uri()],
-                         capture_output=True, text=True, timeout=120).stdout
-    title = html.unescape(re.search(r"<title>(.*?)</title>", dom, re.S).group(1))
+    title = measured_title(page, tmp_path, WIDE)
     scroll, right, n_cases, narrowest = (float(v) for v in title.split("|"))
     assert n_cases >= 1 and narrowest > 600, title  # the open case tables are laid out, not collapsed
     assert scroll <= SCREEN[0] and right <= SCREEN[0], title  # nothing cut off: no table past the window

@@ -40,6 +40,7 @@ import numpy as np
 
 from nemoh.backends import cuda_emu
 from nemoh.backends import cupy_compile as cc
+from nemoh.backends.cupy_backend import _bf16_bits_to_f32, _f32_to_bf16_bits
 
 __version__ = "14.2.0+nemoh-standin"
 COMPUTE_CAPABILITY = "90"
@@ -393,11 +394,10 @@ def ascontiguousarray(a: ndarray, dtype: Any = None) -> ndarray:
 # Kernels
 # ----------------------------------------------------------------------------------------------
 
-_SCALAR_TYPES = {"int": np.int32, "unsigned": np.uint32, "float": np.float32, "double": np.float64,
-                 "i64": np.int64, "long long": np.int64}
-_T_DTYPES = {"f32": np.float32, "bf16": np.uint16}
-_P_DTYPES = {"float": np.float32, "double": np.float64, "int": np.int32, "unsigned": np.uint32, "i64": np.int64,
-             "long long": np.int64, "unsigned char": np.uint8, "char": np.int8}
+#: the numpy type of each C parameter type, from the emulator's own tables (cuda_emu._NP, _T, _SCALAR)
+_SCALAR_TYPES = {t: cuda_emu._NP[t][0] for t in cuda_emu._SCALAR}
+_T_DTYPES = {suffix: types[0] for suffix, (_, types) in cuda_emu._T.items()}
+_P_DTYPES = {t: types[0] for t, types in cuda_emu._NP.items()}
 MAX_THREADS, MAX_STATIC_SHARED = 1024, 48 * 1024
 #: thread schedules per launch (NEMOH_EMU_SCHEDULES, default 1): the race check between two schedules runs in
 #: the kernel tests and cupy-emulated; here the stand-in's own checks are the point
@@ -586,16 +586,6 @@ CUDA_R_32F, CUDA_R_16BF = 0, 14
 _GEMM_DTYPES = {CUDA_R_32F: np.float32, CUDA_R_16BF: np.uint16}
 
 
-def _bf16_to_f32(u: np.ndarray) -> np.ndarray:
-    return (u.astype(np.uint32) << 16).view(np.float32)
-
-
-def _f32_to_bf16(f: np.ndarray) -> np.ndarray:
-    u = np.ascontiguousarray(f, np.float32).view(np.uint32)
-    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    return np.where((u & 0x7FFFFFFF) > 0x7F800000, np.uint16(0x7FFF), r)
-
-
 def gemmEx(handle: int, transa: int, transb: int, m: int, n: int, k: int, alpha: int, A: int, Atype: int, lda: int,
            B: int, Btype: int, ldb: int, beta: int, C: int, Ctype: int, ldc: int, computeType: int, algo: int) -> None:
     """C[m, n] = alpha op(A)[m, k] op(B)[k, n] + beta C, column-major, pointer mode host (alpha, beta are
@@ -625,12 +615,12 @@ def gemmEx(handle: int, transa: int, transb: int, m: int, n: int, k: int, alpha:
                         np.zeros((rows, cols), dt))
             allocs.append(alloc)
         _touch(s, allocs, what)
-        f32 = (lambda x: _bf16_to_f32(x)) if dt is np.uint16 else (lambda x: np.asarray(x, np.float32))
+        f32 = (lambda x: _bf16_bits_to_f32(x)) if dt is np.uint16 else (lambda x: np.asarray(x, np.float32))
         opa = f32(mats[0]) if transa == 0 else f32(mats[0]).T
         opb = f32(mats[1]) if transb == 0 else f32(mats[1]).T
         out = a_ * (opa @ opb)
         if b_ != 0:
             out = out + b_ * f32(mats[2])
-        mats[2][...] = _f32_to_bf16(out) if dt is np.uint16 else out.astype(np.float32)
+        mats[2][...] = _f32_to_bf16_bits(out) if dt is np.uint16 else out.astype(np.float32)
 
     _issue(stream, what, [], run)

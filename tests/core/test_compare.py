@@ -262,17 +262,40 @@ def _fig(comp: dict, backend: str, prefix: str) -> dict:
     return next(f for f in b["figures"] if f["figure"].startswith(prefix))
 
 
-def test_bench_runs_of_the_same_commit_are_no_regression_whatever_the_noise(bench_runs, capsys):
-    comp = valid(compare_paths(bench_runs[0], bench_runs[1], "new-fail,slowdown=10"))
+def test_bench_runs_of_the_same_commit_compare_and_keep_their_gates(bench_runs, capsys):
+    """Two real runs, back to back. Their gates agree, so new-fail passes; their speeds are whatever this
+    shared machine gave (a 2-core CI VM can shift by more than 10% between runs, with the reference
+    shifting differently), so a speed verdict here is shown with its basis, never asserted: the rule's
+    false-positive rate is tested below on seeded redraws of these samples."""
+    comp = valid(compare_paths(bench_runs[0], bench_runs[1], "new-fail"))
     (c,) = comp["comparisons"]
     assert comp["verdict"]["exit_code"] == 0 and not c["regressions"]
     assert all(g["base"] == g["new"] for g in c["gates"])  # the gate's statuses, always listed
     for b in c["backends"]:
         for f in b["figures"]:
-            assert f["verdict"]["class"] != "regressed" or f["what"] != "speed", f
+            assert f["verdict"]["class"] in ("improved", "regressed", "unchanged", "inconclusive"), f
+            if f["what"] == "speed" and c["validity"]["basis"] == "none":
+                assert f["verdict"]["class"] == "inconclusive"
     if c["validity"]["basis"] == "none":  # this shared machine is usually busy: said, and nothing called
         assert any("speed not judged" in f for f in c["flags"]) and "busy" in c["validity"]["text"]
-    assert cli(capsys, bench_runs[0], bench_runs[1], "--fail-on", "slowdown=10")[0] == 0
+    assert cli(capsys, bench_runs[0], bench_runs[1])[0] == 0
+
+
+@pytest.mark.parametrize("sigma", [0.03, 0.08])
+def test_same_commit_noise_is_no_regression_in_40_seeded_pairs(bench_runs, tmp_path, sigma):
+    """The false-positive rate of slowdown=10: pairs of quiet redraws of one real run (log-normal
+    spread sigma, no change) are never called a regression, nor when the whole machine slows by 15%
+    between them (the reference with it: its in-run ratio does not move)."""
+    hits = []
+    for seed in range(20):
+        base = quiet(bench_runs[0], tmp_path / "b.json", 2 * seed, sigma=sigma)
+        for k, slow in enumerate((None, {"torch": 1.15, "hf": 1.15})):
+            new = quiet(bench_runs[0], tmp_path / "n.json", 2 * seed + 1, sigma=sigma, slow=slow)
+            comp = valid(compare_paths(base, new, "new-fail,slowdown=10"))
+            hits += comp["comparisons"][0]["regressions"]
+            if k == 1 and sigma < 0.05:  # the machine's own slowdown is seen, and said not to count
+                assert any("reference slowed down with it" in f for f in comp["comparisons"][0]["flags"])
+    assert not hits, hits
 
 
 def test_planted_decode_slowdown_is_caught(bench_runs, tmp_path, capsys):

@@ -87,11 +87,37 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_make_model(args: argparse.Namespace) -> int:
-    from nemoh.model.presets import write_checkpoint
+    from nemoh.bench.models import BENCH_PRESETS
 
-    out = write_checkpoint(args.preset, args.out, seed=args.seed, max_shard_size=args.max_shard_size)
-    print(f"wrote {args.preset} to {out}")
+    if args.config is None and args.preset not in BENCH_PRESETS:
+        if args.num_layers is not None or args.dtype is not None:
+            raise NemohError("--num-layers and --dtype apply to a real-size model (--config FILE or a bench "
+                             f"preset: {', '.join(BENCH_PRESETS)}), not to the tiny preset {args.preset!r}")
+        from nemoh.model.presets import write_checkpoint
+
+        out = write_checkpoint(args.preset, args.out, seed=args.seed, max_shard_size=args.max_shard_size)
+        print(f"wrote {args.preset} to {out}")
+        return 0
+    from nemoh.model.config_checks import read_json_file
+    from nemoh.model.realsize import truncate_layers, write_random_checkpoint
+
+    if args.config is not None:
+        config, what = read_json_file(args.config, "config.json"), str(args.config)
+    else:
+        config, what = dict(BENCH_PRESETS[args.preset].config), f"bench preset {args.preset}"
+    if args.num_layers is not None:
+        config = truncate_layers(config, args.num_layers)
+    shard = _size(args.max_shard_size) if args.max_shard_size else None
+    out = write_random_checkpoint(config, args.out, seed=args.seed or 0, dtype=args.dtype,
+                                  **({"shard_bytes": shard} if shard else {}))
+    print(f"wrote {what} with random weights to {out}")
     return 0
+
+
+def _size(text: str) -> int:
+    from nemoh.conformance.memory import parse_size
+
+    return parse_size(text)
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -243,14 +269,17 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     # fail before the run, not after it
     check_output_paths({"--json": args.json, "--html": args.html, "--junit": args.junit})
     check_device(args.device)
+    from nemoh.conformance.memory import parse_size
     from nemoh.oracle.reference import quiet_transformers
 
+    memory_limit = None if args.memory_limit is None else parse_size(args.memory_limit)
     quiet_transformers()
     report = run_conformance(args.model, _csv(args.backend), _csv(args.dtype),
                              None if args.suite is None else _csv(args.suite),
                              argv=["nemoh", *sys.argv[1:]] if args.argv is None else args.argv,
                              progress=not args.no_progress, device=args.device,
-                             case_timeout=args.case_timeout, isolate=args.isolate, json_path=args.json)
+                             case_timeout=args.case_timeout, isolate=args.isolate, json_path=args.json,
+                             oracle_mode=args.oracle, memory_limit=memory_limit)
     print_table(report)
     if args.json:
         write_json(report, args.json)
@@ -356,11 +385,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ir-json", action="store_true", help="print the graph IR as JSON")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("make-model", help="write a tiny random-weight checkpoint from a preset")
-    p.add_argument("--preset", required=True)
+    p = sub.add_parser("make-model", help="write a random-weight checkpoint: a tiny preset, or real shapes (a bench "
+                       "preset or a released config.json), written tensor by tensor")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--preset", help="a tiny preset (nemoh presets) or a bench preset (e.g. nemotron-h-8b)")
+    g.add_argument("--config", type=Path, help="a config.json (e.g. a released one): its exact shapes")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seed", type=int)
-    p.add_argument("--max-shard-size", help="e.g. 50KB: write a sharded checkpoint with an index")
+    p.add_argument("--num-layers", type=int, help="real-size models: only the first N layers of the pattern")
+    p.add_argument("--dtype", choices=dtype_names, help="real-size models: the stored dtype (default: the config's)")
+    p.add_argument("--max-shard-size", help="e.g. 50KB: write a sharded checkpoint with an index "
+                   "(real-size models are always sharded, 2 GiB by default)")
     p.set_defaults(func=cmd_make_model)
 
     p = sub.add_parser("presets", help="list the built-in model presets")
@@ -395,6 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--isolate", action="store_true",
                    help="run each backend/dtype's cases in a worker process: a case that hangs or crashes the "
                    "process (abort, SIGSEGV) is FAILed and the remaining cases run in a fresh worker")
+    p.add_argument("--oracle", choices=("auto", "memory", "stream"), default="auto",
+                   help="the fp64 oracle held in memory, or streamed block by block from the memory-mapped "
+                   "checkpoint (bit-equal, one layer's fp64 parameters at a time); auto: in memory when it fits")
+    p.add_argument("--memory-limit", metavar="SIZE",
+                   help="plan the run within SIZE (e.g. 300MB, 20GiB) instead of what the machine has available; "
+                   "a run that cannot fit is refused before it starts (exit 2, with the figures)")
     p.set_defaults(func=cmd_conformance, argv=None)
 
     p = sub.add_parser("verify", help="check every loaded tensor is bit-equal to the checkpoint file")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from nemoh.conformance.case import Case, Metric, Result, Status, Suite, equiv_metrics, judge, state_metrics
+from nemoh.conformance.case import Case, Metric, Result, Suite, equiv_metrics, judge, state_metrics
 from nemoh.conformance.tolerances import tol
 from nemoh.runtime.backend import capability
 from nemoh.runtime.session import greedy_generate
@@ -70,7 +70,7 @@ def run_generate(case: Case, ctx) -> Result:
     ids = ctx.prompt(1, p["prompt"], case.seed)
     ref = ctx.hf_generate(ids, p["N"])
     if ref is None:
-        return Result(case, Status.SKIPPED, message=ctx.hf_unavailable)
+        return Result(case, ctx.hf_status, message=ctx.hf_unavailable)
     ref_toks, ref_logits = ref
     generated, logits = greedy_generate(ctx.model, ids, p["N"])
     toks, ref_toks = generated[0].tolist(), ref_toks[0].tolist()

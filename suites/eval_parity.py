@@ -71,7 +71,7 @@ def _lms(ctx):
 def run(case: Case, ctx) -> Result:
     why = _missing(ctx)
     if why:
-        return Result(case, Status.SKIPPED, message=why)
+        return Result(case, ctx.hf_status if why == ctx.hf_unavailable else Status.SKIPPED, message=why)
     from nemoh.eval.tasks import quiet_lm_eval
 
     with quiet_lm_eval():  # HFLM's notes about a model passed as an object are about this setup

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from nemoh.conformance.case import Case, Metric, Result, Status, Suite, judge, logit_metrics, metric_values
+from nemoh.conformance.case import Case, Metric, Result, Suite, judge, logit_metrics, metric_values
 from nemoh.conformance.tolerances import RELATIVE_METRICS, is_relative
 
 REFS = ("oracle", "hf-float64", "hf-dtype")
@@ -45,7 +45,7 @@ def run(case: Case, ctx) -> Result:
         hf_dtype = "float64" if ref_name == "hf-float64" else ctx.dtype
         ref = ctx.hf_logits(ids, hf_dtype)
         if ref is None:
-            return Result(case, Status.SKIPPED, message=ctx.hf_unavailable)
+            return Result(case, ctx.hf_status, message=ctx.hf_unavailable)
         # transformers computes its Mamba scan in fp32 even in an fp64 model (known deviation
         # hf-fp64-scan-in-fp32): nothing compared with it can be judged tighter than fp32
         judged_at = "float32" if ctx.dtype == "float64" else ctx.dtype

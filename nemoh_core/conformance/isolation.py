@@ -158,7 +158,9 @@ def abort_on_timeout(book: Book, timeout: float, bar, info: dict, stack: list[di
 _LOAD_TIMEOUT_MIN = 120.0  # a fresh worker imports torch and the backend before it loads anything
 
 
-def run_isolated(idx, run, spec, be, dtype, cases, path, device, timeout, record, bar, suite_specs) -> None:
+def run_isolated(idx, run, spec, be, dtype, cases, path, device, timeout, record, bar, suite_specs,
+                 ref_opts: dict | None = None) -> None:
+    """`ref_opts`: the keyword arguments of the worker's Reference (the run's memory plan: oracle mode, ...)."""
     backend_files = files_of_backend(be)
     worker: _Worker | None = None
     restarts = 0
@@ -166,7 +168,7 @@ def run_isolated(idx, run, spec, be, dtype, cases, path, device, timeout, record
         i = 0
         while i < len(cases):
             if worker is None:
-                worker = _Worker(path, spec, dtype, device, suite_specs)
+                worker = _Worker(path, spec, dtype, device, suite_specs, ref_opts)
                 kind, payload = worker.recv(None if timeout is None else max(timeout, _LOAD_TIMEOUT_MIN))
                 if kind == "ready":
                     if not run["describe"]:
@@ -230,13 +232,14 @@ def run_isolated(idx, run, spec, be, dtype, cases, path, device, timeout, record
 class _Worker:
     """A spawned process holding one backend instance at one dtype; it runs cases sent over a pipe."""
 
-    def __init__(self, path: Path, spec: str, dtype: str, device: str | None, suite_specs: list[str] | None):
+    def __init__(self, path: Path, spec: str, dtype: str, device: str | None, suite_specs: list[str] | None,
+                 ref_opts: dict | None = None):
         mp = multiprocessing.get_context("spawn")
         fd, self.trace_path = tempfile.mkstemp(prefix="nemoh-worker-", suffix=".stack")
         os.close(fd)
         self.conn, child = mp.Pipe()
         self.proc = mp.Process(target=_worker_main, name=f"nemoh-worker {spec}/{dtype}",
-                               args=(child, str(path), spec, dtype, device, suite_specs, self.trace_path))
+                               args=(child, str(path), spec, dtype, device, suite_specs, self.trace_path, ref_opts or {}))
         self.proc.start()
         child.close()
 
@@ -291,7 +294,7 @@ class _Worker:
 
 
 def _worker_main(conn, path: str, spec: str, dtype: str, device: str | None, suite_specs: list[str] | None,
-                 trace_path: str) -> None:
+                 trace_path: str, ref_opts: dict | None = None) -> None:
     trace = open(trace_path, "w")  # noqa: SIM115 - faulthandler writes here until the process ends
     faulthandler.enable(file=trace, all_threads=False)
     if hasattr(signal, "SIGUSR1"):
@@ -316,7 +319,7 @@ def _worker_main(conn, path: str, spec: str, dtype: str, device: str | None, sui
             conn.send(("load_error", load_failure(e, be)))
             return
         conn.send(("ready", jsonable(describe)))
-        ctx = Ctx(config, graph, dtype, model_obj, Reference(p, config))
+        ctx = Ctx(config, graph, dtype, model_obj, Reference(p, config, **(ref_opts or {})))
         while True:
             try:
                 msg = conn.recv()

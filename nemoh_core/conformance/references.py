@@ -4,6 +4,8 @@ a suite sees: one backend at one dtype on one model (`Ctx`)."""
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,37 +15,58 @@ import torch
 from nemoh import oracle
 from nemoh.model.config import ModelConfig
 from nemoh.model.ir import Graph, build_graph
+from nemoh.conformance.case import Status
 from nemoh.model.weights import Checkpoint
+from nemoh.oracle.stream import StreamedParams
 from nemoh.runtime.session import Model, Session
+
+
+LOGITS_CACHE = 1 << 30  # bytes of oracle logits kept for later cases (a real vocabulary makes each one large)
 
 
 class Reference:
     """The references shared by every backend and dtype of one run: the fp64 oracle and transformers."""
 
-    def __init__(self, path: Path, config: ModelConfig):
-        self.path, self.config = path, config
+    def __init__(self, path: Path, config: ModelConfig, *, oracle_mode: str = "memory", hf_too_big: str = "",
+                 logits_cache: int = LOGITS_CACHE):
+        """`oracle_mode` "memory" holds the fp64 model, "stream" reads it block by block (nemoh.oracle.stream);
+        `hf_too_big`, when set, is why transformers is not run at this size (its cases are NOT_SUPPORTED)."""
+        self.path, self.config, self.oracle_mode, self.logits_cache = path, config, oracle_mode, logits_cache
         self.graph64 = build_graph(config, "float64")
-        self._params: dict[str, torch.Tensor] | None = None
+        self._params: Mapping[str, torch.Tensor] | None = None
         self._hf: dict[tuple[str, bool], Any] = {}
-        self.hf_unavailable = ""
+        self._logits: OrderedDict[tuple[bytes, tuple[int, ...]], torch.Tensor] = OrderedDict()
+        self.hf_unavailable, self.hf_status = "", Status.SKIPPED
         # found, not imported (that costs seconds, in every --isolate worker); a broken install still
         # fails its import inside a case, which then is SKIPPED with the same hint
-        if not importable("transformers"):
+        if hf_too_big:
+            self.hf_unavailable, self.hf_status = hf_too_big, Status.NOT_SUPPORTED
+        elif not importable("transformers"):
             self.hf_unavailable = "transformers is not installed (pip install 'nemoh[ref]')"
 
     @property
-    def params(self) -> dict[str, torch.Tensor]:
+    def params(self) -> Mapping[str, torch.Tensor]:
         if self._params is None:
-            self._params = Checkpoint(self.path).load(self.graph64)
+            ckpt = Checkpoint(self.path)
+            self._params = StreamedParams(ckpt, self.graph64) if self.oracle_mode == "stream" else \
+                ckpt.load(self.graph64)
         return self._params
 
-    @functools.lru_cache(maxsize=64)  # noqa: B019 - one Reference per run
-    def _oracle(self, key: bytes, shape: tuple[int, ...]) -> torch.Tensor:
-        ids = torch.frombuffer(bytearray(key), dtype=torch.int64).reshape(shape)
-        return oracle.run(self.graph64, self.params, ids)
-
     def oracle_logits(self, ids: torch.Tensor) -> torch.Tensor:
-        return self._oracle(ids.contiguous().numpy().tobytes(), tuple(ids.shape))
+        """The fp64 oracle's logits for unpadded `ids`, kept for the run's later cases up to `logits_cache` bytes
+        (the least recently used go first)."""
+        key = (ids.contiguous().numpy().tobytes(), tuple(ids.shape))
+        if key in self._logits:
+            self._logits.move_to_end(key)
+            return self._logits[key]
+        out = oracle.run(self.graph64, self.params, ids)
+        if isinstance(self._params, StreamedParams):
+            self._params.release()
+        self._logits[key] = out
+        while len(self._logits) > 1 and sum(t.numel() * t.element_size() for t in self._logits.values()) > \
+                self.logits_cache:
+            self._logits.popitem(last=False)
+        return out
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 - one Reference per run
     def _hf_logits(self, key: bytes, shape: tuple[int, ...], dtype: str) -> torch.Tensor | None:
@@ -94,6 +117,11 @@ class Ctx:
     @property
     def hf_unavailable(self) -> str:
         return self.ref.hf_unavailable
+
+    @property
+    def hf_status(self) -> Status:
+        """SKIPPED when transformers is not installed, NOT_SUPPORTED when the model is too big for it here."""
+        return self.ref.hf_status
 
     def prompt(self, batch: int, length: int, seed: int) -> torch.Tensor:
         """Deterministic token ids in [4, V): no special tokens."""

@@ -26,6 +26,7 @@ from nemoh.conformance.execute import (
     run_case,
     select_suites,
 )
+from nemoh.conformance.memory import PeakSampler, plan_memory
 from nemoh.conformance.isolation import Watchdog, abort_on_timeout, run_isolated
 from nemoh.conformance.references import Ctx, Reference, ShapeCtx
 from nemoh.conformance.tolerances import TOLERANCES
@@ -56,7 +57,8 @@ def _resolve_model(model: str) -> Path:
 def run_conformance(model: str, backends: list[str], dtypes: list[str], suites: list[str] | None = None, *,
                     argv: list[str] | None = None, progress: bool = True, device: str | None = None,
                     deviations: bool = True, on_result=None, case_timeout: float | None = DEFAULT_CASE_TIMEOUT,
-                    isolate: bool = False, json_path: Path | None = None) -> dict[str, Any]:
+                    isolate: bool = False, json_path: Path | None = None, oracle_mode: str = "auto",
+                    memory_limit: int | None = None) -> dict[str, Any]:
     """Run the suites; `on_result(run, result_json)` is called as each case finishes.
 
     `case_timeout` (seconds; None or 0: none) limits each case, and separately its localisation and
@@ -69,6 +71,11 @@ def run_conformance(model: str, backends: list[str], dtypes: list[str], suites: 
     backend/dtype runs its cases in a worker process (multiprocessing, "spawn"): a case that times out
     (the worker is killed) or kills its worker (abort(), SIGSEGV) is FAILed with the reason, and the
     remaining cases run in a fresh worker that reloads the backend.
+
+    Memory is planned before anything runs (nemoh.conformance.memory): `oracle_mode` "auto" holds the fp64
+    oracle when it fits and streams it layer by layer otherwise ("memory", "stream" force one), transformers
+    runs only when it fits too, and a run that cannot fit is refused (NemohError) with the figures.
+    `memory_limit` (bytes) replaces what the machine says is available.
     """
     if not backends:
         raise NemohError("no backend given: --backend takes NAME[,NAME...] or package.module:factory")
@@ -81,14 +88,24 @@ def run_conformance(model: str, backends: list[str], dtypes: list[str], suites: 
     config = load_config(path)
     chosen = select_suites(suites)
     instances = [(spec, get_backend(spec)) for spec in backends]  # unknown names fail before any work
-    ref = Reference(path, config)
     g32 = build_graph(config, "float32")
+    graphs = {dtype: build_graph(config, dtype) for dtype in dtypes}
+    listed = [c for g in graphs.values() for s in chosen for c in s.cases(ShapeCtx(config, g, g.dtype))]
+    mem = plan_memory(build_graph(config, "float64"), graphs, max(_tokens(c, config) for c in listed) if listed else 0,
+                      oracle=oracle_mode, limit=memory_limit, hf_dtypes=tuple(dtypes))
+    ref_opts = {"oracle_mode": mem.oracle, "logits_cache": mem.parts["logits kept"],
+                "hf_too_big": "" if mem.transformers else
+                f"transformers is not run at this size: {mem.why[-1].removeprefix('transformers not run: ')} "
+                "(the fp64 oracle is checked against transformers on every preset; see the README)"}
+    ref = Reference(path, config, **ref_opts)
+    sampler = PeakSampler()
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "model": {"name": model, "path": str(path), "config": config.to_dict(), "pattern": config.pattern,
                   "params_total": g32.params_total},
         "environment": environment(argv, {"prompts": "torch.Generator(seed) per case; see each case's seed"}),
-        "options": {"case_timeout_s": timeout, "isolate": bool(isolate)},
+        "options": {"case_timeout_s": timeout, "isolate": bool(isolate), "oracle": mem.oracle},
+        "memory": mem.to_json(),
         "tolerances": [{"metric": m, "dtype": d, "value": t.value, "reason": t.reason}
                        for (m, d), t in sorted(TOLERANCES.items())],
         "suites": [{"name": s.name, "doc": (s.doc or "").strip()} for s in chosen],
@@ -104,7 +121,7 @@ def run_conformance(model: str, backends: list[str], dtypes: list[str], suites: 
     plan = []  # (spec, backend, dtype, graph, [(suite, case), ...]) in run order
     for spec, be in instances:
         for dtype in dtypes:
-            graph = build_graph(config, dtype)
+            graph = graphs[dtype]
             shape = ShapeCtx(config, graph, dtype)
             plan.append((spec, be, dtype, graph, [(s, c) for s in chosen for c in s.cases(shape)]))
     book = Book(report, json_path, [(spec, dtype, [c.id for _, c in cases]) for spec, _, dtype, _, cases in plan])
@@ -130,7 +147,7 @@ def run_conformance(model: str, backends: list[str], dtypes: list[str], suites: 
                     record(idx, run, Result(case, Status.NOT_SUPPORTED, message=unsupported).to_json())
                 continue
             if isolate:
-                run_isolated(idx, run, spec, be, dtype, cases, path, device, timeout, record, bar, suites)
+                run_isolated(idx, run, spec, be, dtype, cases, path, device, timeout, record, bar, suites, ref_opts)
                 continue
             limit = functools.partial(watchdog.limit if watchdog else no_limit, timeout, run=run, idx=idx,
                                       files=files_of_backend(be))
@@ -156,5 +173,16 @@ def run_conformance(model: str, backends: list[str], dtypes: list[str], suites: 
         if watchdog:
             watchdog.close()
         bar.close()
+    report["memory"] = mem.to_json(sampler.stop())
     book.write(complete=True)
     return report
+
+
+def _tokens(case, config) -> int:
+    """The most tokens (batch x length) one of the case's forwards holds, from its parameters."""
+    p = case.p
+    lengths = p.get("lengths") or ()
+    T = max(int(p.get("T") or 0), int(p.get("prompt") or 0) + int(p.get("N") or 0), *map(int, lengths), 0)
+    if not T:  # the deviation probe's prompt, the eval suite's items: a few chunks
+        T = config.chunk_size + 37
+    return int(p.get("B") or max(len(lengths), 2)) * T

@@ -11,12 +11,14 @@ from dataclasses import dataclass, field
 import torch
 
 from nemoh.model.ir import Graph, Op
+from nemoh.oracle import ops
 from nemoh.oracle.ops import (
     attention,
     causal_conv1d,
     embedding,
     gated_rmsnorm,
     linear,
+    linear_by_rows,
     moe_experts,
     moe_router,
     relu2,
@@ -88,6 +90,8 @@ def _apply(op: Op, ins, ps, state: OracleState, pad_mask, key_mask, ssd, dt_clam
         x = ins[0]
         if pad_mask is not None and a.get("zero_padding"):
             x = x * pad_mask[..., None].to(x.dtype)
+        if op.outputs == ("logits",):  # the LM head: by row slices, so that a streamed one is bit-equal
+            return [linear_by_rows(x, ps[0], ops.HEAD_ROWS)]
         return [linear(x, *ps)]
     if k == "split":
         return list(torch.split(ins[0], list(a["sizes"]), dim=-1))

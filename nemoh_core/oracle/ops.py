@@ -39,6 +39,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+HEAD_ROWS = 8192  # output rows per slice of the LM head (256 MiB of fp64 weight at a hidden width of 4096)
+
+
+def linear_by_rows(x: torch.Tensor, weight, rows: int = HEAD_ROWS) -> torch.Tensor:
+    """The LM head: `linear(x, weight)` computed over slices of `rows` output rows. Each logit is still
+    one dot product over the whole hidden width; the slicing fixes which BLAS calls compute it, so that
+    the streamed oracle (nemoh.oracle.stream), which converts one slice of a stored weight at a time,
+    gives the same logits bit for bit. `weight` is a tensor, or anything whose `[r0:r1]` is a slice
+    of one in x's dtype."""
+    N = weight.shape[0]
+    out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+    for r in range(0, N, rows):
+        out[..., r:r + rows] = F.linear(x, weight[r:r + rows])
+    return out
+
+
 def relu2(x: torch.Tensor) -> torch.Tensor:
     """Squared ReLU, elementwise."""
     return torch.relu(x).square()

@@ -1,0 +1,91 @@
+"""The oracle over a checkpoint too big to hold: parameters read block by block from the memory-mapped
+safetensors, in the oracle's dtype, only while their block runs.
+
+`StreamedParams` is a read-only mapping from canonical name to tensor, so the interpreter (`run`,
+`run_block`), localisation and the deviation probes use it exactly as they use the dict that
+`Checkpoint.load` returns: same ops, same inputs, same numbers, bit for bit. What it changes is memory:
+
+- a block's tensors are converted when the block first asks for one, and released as soon as a name
+  of another block is asked for; peak parameter memory is the largest block in the oracle's dtype;
+- the embedding table is never converted whole: `weight[ids]` gathers the rows a call needs from the
+  stored (bf16, mmap'd) tensor and converts those;
+- the LM head's weight is converted one slice of output rows at a time: the oracle computes the head
+  by row slices in both modes (nemoh.oracle.ops.linear_by_rows), so the same BLAS calls see the same
+  numbers (tests/core/test_stream_oracle.py checks it on every preset, with slices smaller than the
+  vocabulary).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import torch
+
+from nemoh import dtypes
+from nemoh.model.ir import Graph
+from nemoh.model.weights import Checkpoint
+
+class RowGather:
+    """The embedding table, stored: `self[ids]` converts only the gathered rows."""
+
+    def __init__(self, stored: torch.Tensor, dtype: torch.dtype):
+        self.stored, self.dtype = stored, dtype
+        self.shape = stored.shape
+
+    def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.stored[ids].to(self.dtype)
+
+
+class RowSlices:
+    """A linear layer's weight [N, K], stored: `self[r0:r1]` converts only those rows (what
+    nemoh.oracle.ops.linear_by_rows asks for, one slice at a time)."""
+
+    def __init__(self, stored: torch.Tensor, dtype: torch.dtype):
+        self.stored, self.dtype = stored, dtype
+        self.shape = stored.shape
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return self.stored[rows].to(self.dtype)
+
+
+class StreamedParams(Mapping[str, torch.Tensor]):
+    """`Checkpoint.load(graph)` without holding it: see the module docstring."""
+
+    def __init__(self, ckpt: Checkpoint, graph: Graph):
+        ckpt.validate(graph)
+        self.ckpt, self.graph = ckpt, graph
+        self.specs = {t.name: t for t in graph.params}
+        self.block_of = {t.name: b.index if b.kind not in ("embed", "head") else b.kind
+                         for b in graph.blocks for t in b.params}
+        self.embedding = graph.embed.ops[0].params[0]
+        self.head = graph.head.ops[-1].params[0]
+        self._block: object = None
+        self._held: dict[str, torch.Tensor] = {}
+        self.peak_bytes = 0  # most parameter bytes held at once (converted tensors only)
+
+    def __getitem__(self, name: str):  # type: ignore[override] # a tensor, or a row-wise stand-in for one
+        if name not in self.specs:
+            raise KeyError(name)
+        dtype = dtypes.torch_dtype(self.specs[name].dtype)
+        if name == self.embedding:
+            return RowGather(self.ckpt.read(name), dtype)
+        if name == self.head:
+            return RowSlices(self.ckpt.read(name), dtype)
+        block = self.block_of[name]
+        if block != self._block:
+            self._held.clear()  # the previous block is done: its tensors go before this one's come
+            self._block = block
+        if name not in self._held:
+            self._held[name] = self.ckpt.read(name).to(dtype, copy=True)
+            self.peak_bytes = max(self.peak_bytes, sum(t.numel() * t.element_size() for t in self._held.values()))
+        return self._held[name]
+
+    def release(self) -> None:
+        self._held.clear()
+        self._block = None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.specs)
+
+    def __len__(self) -> int:
+        return len(self.specs)

@@ -87,6 +87,39 @@ def conformance(session: nox.Session) -> None:
         session.error(f"conformance failed on: {', '.join(failed)} (see {out}/*.html)")
 
 
+@nox.session
+def ray(session: nox.Session) -> None:
+    """The layer-wise checks with Ray installed (the `ray` extra): tests/core/test_layerwise.py, whose local-cluster
+    test (ray.init on this machine, two workers) then runs instead of skipping, and compares the merged Ray
+    report with the single-process run."""
+    install(session, "test,ray")
+    session.run("pytest", "-q", "tests/core/test_layerwise.py", *session.posargs)
+
+
+@nox.session(name="real-size")
+def real_size(session: nox.Session) -> None:
+    """Nemotron-H-8B-Base-8K at its real shapes (the released config.json in nemoh_core/model/releases/), random
+    weights, on this machine: the checkpoint (16.2 GB of bf16 in 2 GiB shards, written tensor by tensor, kept
+    in build/real-size/ between runs), then `nemoh conformance --backend torch --dtype bfloat16 --suite logits`
+    with the oracle streamed layer by layer (its memory plan, peak memory and per-layer times in the JSON),
+    then the layer-wise check of one traced forward. Reports in artifacts/real-size/ (or the folder given:
+    `nox -s real-size -- OUT`); docs/real-size.md has the figures measured on the 2-core, 24 GiB machine."""
+    install(session)
+    model = Path("build/real-size/nemotron-h-8b-base-8k")
+    out = Path(session.posargs[0] if session.posargs else "artifacts/real-size")
+    out.mkdir(parents=True, exist_ok=True)
+    if not (model / "model.safetensors.index.json").exists():
+        session.run("nemoh", "make-model", "--config", "nemoh_core/model/releases/Nemotron-H-8B-Base-8K.json",
+                    "--out", str(model), "--seed", "0")
+    session.run("nemoh", "conformance", "--model", str(model), "--backend", "torch", "--dtype", "bfloat16",
+                "--suite", "logits", "--no-progress", "--json", str(out / "conformance.json"),
+                "--html", str(out / "conformance.html"))
+    session.run("nemoh", "layerwise", "trace", "--model", str(model), "--backend", "torch", "--dtype", "bfloat16",
+                "--out", str(out / "trace"))
+    session.run("nemoh", "layerwise", "check", "--model", str(model), "--trace", str(out / "trace"),
+                "--json", str(out / "layerwise.json"))
+
+
 @nox.session(name="eval")
 def eval_(session: nox.Session) -> None:
     """`nemoh eval` on nemoh's fixture tasks (MMLU- and GSM8K-style, offline) for the torch and onnx

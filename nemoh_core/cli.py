@@ -107,9 +107,10 @@ def cmd_make_model(args: argparse.Namespace) -> int:
         config, what = dict(BENCH_PRESETS[args.preset].config), f"bench preset {args.preset}"
     if args.num_layers is not None:
         config = truncate_layers(config, args.num_layers)
-    shard = _size(args.max_shard_size) if args.max_shard_size else None
+    from nemoh.model.realsize import SHARD_BYTES
+
     out = write_random_checkpoint(config, args.out, seed=args.seed or 0, dtype=args.dtype,
-                                  **({"shard_bytes": shard} if shard else {}))
+                                  shard_bytes=_size(args.max_shard_size) if args.max_shard_size else SHARD_BYTES)
     print(f"wrote {what} with random weights to {out}")
     return 0
 

@@ -69,6 +69,7 @@ def _hf(ref, dtype: str, intended: bool = True):
 def dt_clamp(ref, ids: torch.Tensor) -> dict:
     """The dt limit the installed reference's prefill applies, the share of dt below time_step_min on the
     probe prompt, and how far the shipped reference's logits sit from the corrected ones."""
+    shipped_model = _hf(ref, "float64", intended=False)  # first: without it, no oracle pass is spent
     g, p = ref.graph64, ref.params
     trace: dict[str, torch.Tensor] = {}
     intended = oracle.run(g, p, ids, trace=trace)
@@ -83,7 +84,6 @@ def dt_clamp(ref, ids: torch.Tensor) -> dict:
         below += int((dt < tmin).sum())
         total += dt.numel()
     clamped = oracle.run(g, p, ids, dt_clamp_min=tmin)
-    shipped_model = _hf(ref, "float64", intended=False)
     limits = {tuple(float(x) for x in layer.mixer.time_step_limit) for layer in shipped_model.model.layers
               if hasattr(layer.mixer, "time_step_limit")}
     shipped_low = max((lo for lo, _ in limits), default=float("nan"))

@@ -239,7 +239,8 @@ class _Worker:
         os.close(fd)
         self.conn, child = mp.Pipe()
         self.proc = mp.Process(target=_worker_main, name=f"nemoh-worker {spec}/{dtype}",
-                               args=(child, str(path), spec, dtype, device, suite_specs, self.trace_path, ref_opts or {}))
+                               args=(child, str(path), spec, dtype, device, suite_specs, self.trace_path,
+                                     ref_opts or {}))
         self.proc.start()
         child.close()
 

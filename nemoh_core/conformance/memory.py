@@ -13,7 +13,7 @@ counted as if it ran in the same process, which is what happens without --isolat
                tensors in fp64, the LM head's slice, the embedding rows a call gathers;
   activations  the largest case's tokens x (the widest op output x 6 live fp64 copies + the logits
                of the oracle, the backend and their difference);
-  logits kept  the oracle's logits kept for later cases (four of the largest case's, at most 1 GiB);
+  logits kept  the oracle's logits kept for later cases (two of the largest case's, at most 1 GiB);
   transformers the reference's float32 model, plus its float64 one for the deviation probes and its
                copy at each 16-bit dtype of the run (the run keeps each it loads).
 """
@@ -31,7 +31,7 @@ from nemoh.model.ir import Graph
 from nemoh.oracle import ops as oracle_ops
 
 ORACLE_MODES = ("auto", "memory", "stream")
-HEADROOM = 0.9  # plan to use at most 90% of what is available: the allocator and the page cache need slack
+HEADROOM = 512 << 20  # left unplanned of what is available: slack for the allocator and the page cache
 # what a run adds beyond its tensors: transformers and the suites imported, allocator and BLAS workspaces
 # (tiny-moe, logits suite, on the 2-core machine: peak RSS 475 MB, the rest of the estimate 269 MB)
 RUNTIME = 256 << 20
@@ -131,8 +131,8 @@ def streamed_oracle_bytes(g64: Graph) -> int:
 
 
 def logits_cache_bytes(g64: Graph, max_tokens: int) -> int:
-    """What the run keeps of the oracle's logits for later cases: four of the largest case's, at most 1 GiB."""
-    return min(1 << 30, 4 * 8 * max_tokens * g64.config.vocab_size)
+    """What the run keeps of the oracle's logits for later cases: two of the largest case's, at most 1 GiB."""
+    return min(1 << 30, 2 * 8 * max_tokens * g64.config.vocab_size)
 
 
 def _widest(g64: Graph) -> int:
@@ -170,6 +170,7 @@ def plan_memory(g64: Graph, graphs: dict[str, Graph], max_tokens: int, *, oracle
     what the machine says is available. Raises NemohError (exit 2) when nothing fits."""
     if oracle not in ORACLE_MODES:
         raise NemohError(f"--oracle must be one of {', '.join(ORACLE_MODES)}, got {oracle!r}")
+    avail: int | None
     if limit is not None:
         avail, source = limit, "--memory-limit"
     else:
@@ -184,7 +185,7 @@ def plan_memory(g64: Graph, graphs: dict[str, Graph], max_tokens: int, *, oracle
     whole, streamed = 8 * g64.checkpoint_tensors_total, streamed_oracle_bytes(g64)
     hf = 4 * g64.checkpoint_tensors_total + 8 * g64.checkpoint_tensors_total + \
         sum(_bytes_per(d) * g64.checkpoint_tensors_total for d in set(hf_dtypes) - {"float32", "float64"})
-    budget = None if avail is None else int(avail * HEADROOM)
+    budget = None if avail is None else avail - HEADROOM
     core = sum(parts.values())
     why = []
     if oracle == "auto":
@@ -198,7 +199,7 @@ def plan_memory(g64: Graph, graphs: dict[str, Graph], max_tokens: int, *, oracle
     use_hf = budget is None or sum(parts.values()) + hf <= budget
     if use_hf:
         parts["transformers"] = hf
-    else:
+    elif budget is not None:
         why.append(f"transformers not run: it needs {display.si(hf, 'B')} (float32, float64"
                    f"{''.join(', ' + d for d in sorted(set(hf_dtypes) - {'float32', 'float64'}))}), "
                    f"{display.si(max(budget - sum(parts.values()), 0), 'B')} is left")
@@ -208,7 +209,8 @@ def plan_memory(g64: Graph, graphs: dict[str, Graph], max_tokens: int, *, oracle
         fix = ("" if oracle == "stream" else "; --oracle stream needs "
                f"{display.si(plan.estimate - parts['oracle'] + streamed, 'B')}")
         raise NemohError(f"this run needs about {display.si(plan.estimate, 'B')} ({shown}), and "
-                         f"{display.si(avail, 'B')} is available ({source}; the plan keeps {HEADROOM:.0%} of it)"
+                         f"{display.si(avail, 'B')} is available ({source}; the plan leaves "
+                         f"{display.si(HEADROOM, 'B')} of it free)"
                          f"{fix}; free memory, run one backend/dtype at a time, or use a larger machine")
     return plan
 

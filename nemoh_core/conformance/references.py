@@ -59,9 +59,12 @@ class Reference:
         if key in self._logits:
             self._logits.move_to_end(key)
             return self._logits[key]
+        streamed = self.params if isinstance(self.params, StreamedParams) else None
+        if streamed is not None:
+            streamed.begin()
         out = oracle.run(self.graph64, self.params, ids)
-        if isinstance(self._params, StreamedParams):
-            self._params.release()
+        if streamed is not None:
+            streamed.release()
         self._logits[key] = out
         while len(self._logits) > 1 and sum(t.numel() * t.element_size() for t in self._logits.values()) > \
                 self.logits_cache:
@@ -81,6 +84,16 @@ class Reference:
         """transformers' logits (its dt clamp removed) for unpadded `ids`, computed once per run: the
         logits suite's low-precision verdicts reuse them as the reference error at that dtype."""
         return self._hf_logits(ids.contiguous().numpy().tobytes(), tuple(ids.shape), dtype)
+
+    def oracle_summary(self) -> dict[str, Any]:
+        """How the oracle ran: held in memory, or streamed (its calls, the most fp64 parameter bytes it held at
+        once, and each block's wall time over the calls, reading from the checkpoint included)."""
+        out: dict[str, Any] = {"mode": self.oracle_mode, "logits_calls": None, "peak_param_bytes": None,
+                               "seconds_by_block": None}
+        p = self._params
+        if isinstance(p, StreamedParams):
+            out.update(logits_calls=p.calls, peak_param_bytes=p.peak_bytes, seconds_by_block=dict(p.seconds))
+        return out
 
     def hf(self, dtype: str, intended: bool = True):
         if self.hf_unavailable:

@@ -93,7 +93,7 @@ def run_conformance(model: str, backends: list[str], dtypes: list[str], suites: 
     listed = [c for g in graphs.values() for s in chosen for c in s.cases(ShapeCtx(config, g, g.dtype))]
     mem = plan_memory(build_graph(config, "float64"), graphs, max(_tokens(c, config) for c in listed) if listed else 0,
                       oracle=oracle_mode, limit=memory_limit, hf_dtypes=tuple(dtypes))
-    ref_opts = {"oracle_mode": mem.oracle, "logits_cache": mem.parts["logits kept"],
+    ref_opts: dict[str, Any] = {"oracle_mode": mem.oracle, "logits_cache": mem.parts["logits kept"],
                 "hf_too_big": "" if mem.transformers else
                 f"transformers is not run at this size: {mem.why[-1].removeprefix('transformers not run: ')} "
                 "(the fp64 oracle is checked against transformers on every preset; see the README)"}
@@ -106,6 +106,7 @@ def run_conformance(model: str, backends: list[str], dtypes: list[str], suites: 
         "environment": environment(argv, {"prompts": "torch.Generator(seed) per case; see each case's seed"}),
         "options": {"case_timeout_s": timeout, "isolate": bool(isolate), "oracle": mem.oracle},
         "memory": mem.to_json(),
+        "oracle": ref.oracle_summary(),
         "tolerances": [{"metric": m, "dtype": d, "value": t.value, "reason": t.reason}
                        for (m, d), t in sorted(TOLERANCES.items())],
         "suites": [{"name": s.name, "doc": (s.doc or "").strip()} for s in chosen],
@@ -174,6 +175,7 @@ def run_conformance(model: str, backends: list[str], dtypes: list[str], suites: 
             watchdog.close()
         bar.close()
     report["memory"] = mem.to_json(sampler.stop())
+    report["oracle"] = ref.oracle_summary()
     book.write(complete=True)
     return report
 

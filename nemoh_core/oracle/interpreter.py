@@ -6,6 +6,7 @@ localisation checks a layer on the executor's own input to it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -36,7 +37,7 @@ class OracleState:
     mask: torch.Tensor | None = None  # [B, S]
 
 
-def run(graph: Graph, params: dict[str, torch.Tensor], ids: torch.Tensor, *, mask: torch.Tensor | None = None,
+def run(graph: Graph, params: Mapping[str, torch.Tensor], ids: torch.Tensor, *, mask: torch.Tensor | None = None,
         state: OracleState | None = None, ssd: str = "chunked", trace: dict | None = None,
         dt_clamp_min: float | None = None) -> torch.Tensor:
     """Logits [B, T, V] for `ids` [B, T], continuing `state` (updated in place) if given.
@@ -57,7 +58,7 @@ def run(graph: Graph, params: dict[str, torch.Tensor], ids: torch.Tensor, *, mas
     return vals["logits"]
 
 
-def run_block(block, vals: dict[str, torch.Tensor], params: dict[str, torch.Tensor], state: OracleState,
+def run_block(block, vals: dict[str, torch.Tensor], params: Mapping[str, torch.Tensor], state: OracleState,
               mask: torch.Tensor, key_mask: torch.Tensor, *, ssd: str = "chunked", trace: dict | None = None,
               dt_clamp_min: float | None = None) -> dict[str, torch.Tensor]:
     """Run one block's ops on `vals` (its input values, e.g. {"x": ...}); returns all values after it.

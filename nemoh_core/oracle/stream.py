@@ -17,6 +17,7 @@ safetensors, in the oracle's dtype, only while their block runs.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -62,25 +63,45 @@ class StreamedParams(Mapping[str, torch.Tensor]):
         self._block: object = None
         self._held: dict[str, torch.Tensor] = {}
         self.peak_bytes = 0  # most parameter bytes held at once (converted tensors only)
+        self.seconds: dict[str, float] = {}  # block ("embed", "0", ..., "head") -> wall time, reading included
+        self.calls = 0
+        self._t: float | None = None
 
-    def __getitem__(self, name: str):  # type: ignore[override] # a tensor, or a row-wise stand-in for one
+    def begin(self) -> None:
+        """Start timing one oracle call: each block's wall time (its reading, converting and computing) is
+        added to `seconds` until `release()`."""
+        self._t = time.perf_counter()
+        self.calls += 1
+
+    def __getitem__(self, name: str):  # a tensor, or a row-wise stand-in for one (the embedding, the head)
         if name not in self.specs:
             raise KeyError(name)
         dtype = dtypes.torch_dtype(self.specs[name].dtype)
+        block = self.block_of[name]
+        if block != self._block:
+            self._held.clear()  # the previous block is done: its tensors go before this one's come
+            self._lap()
+            self._block = block
         if name == self.embedding:
             return RowGather(self.ckpt.read(name), dtype)
         if name == self.head:
             return RowSlices(self.ckpt.read(name), dtype)
-        block = self.block_of[name]
-        if block != self._block:
-            self._held.clear()  # the previous block is done: its tensors go before this one's come
-            self._block = block
         if name not in self._held:
             self._held[name] = self.ckpt.read(name).to(dtype, copy=True)
             self.peak_bytes = max(self.peak_bytes, sum(t.numel() * t.element_size() for t in self._held.values()))
         return self._held[name]
 
+    def _lap(self) -> None:
+        if self._t is not None and self._block is not None:
+            now = time.perf_counter()
+            key = str(self._block)
+            self.seconds[key] = self.seconds.get(key, 0.0) + now - self._t
+            self._t = now
+
     def release(self) -> None:
+        """The call is over: its last block's tensors go, and its time is counted."""
+        self._lap()
+        self._t = None
         self._held.clear()
         self._block = None
 

@@ -11,8 +11,8 @@ counted as if it ran in the same process, which is what happens without --isolat
                width (fp32 tensors stay fp32), one backend loaded at a time;
   oracle       in memory: every tensor in fp64; streamed (nemoh.oracle.stream): the largest block's
                tensors in fp64, the LM head's slice, the embedding rows a call gathers;
-  activations  the largest case's tokens x (the widest op output x 6 live fp64 copies + the logits
-               of the oracle, the backend and their difference);
+  activations  the largest case's tokens x (the widest op output x 6 live fp64 copies + LOGIT_BYTES per
+               vocabulary entry: the logits of the backend and of the oracle, and what the metrics derive);
   logits kept  the oracle's logits kept for later cases (two of the largest case's, at most 1 GiB);
   transformers the reference's float32 model, plus its float64 one for the deviation probes and its
                copy at each 16-bit dtype of the run (the run keeps each it loads).
@@ -35,6 +35,10 @@ HEADROOM = 512 << 20  # left unplanned of what is available: slack for the alloc
 # what a run adds beyond its tensors: transformers and the suites imported, allocator and BLAS workspaces
 # (tiny-moe, logits suite, on the 2-core machine: peak RSS 475 MB, the rest of the estimate 269 MB)
 RUNTIME = 256 << 20
+# bytes per token and vocabulary entry while a case compares logits: the backend's fp32 logits and 6 fp64 arrays
+# (the oracle's, log-softmaxes, probabilities, differences). Nemotron-H-8B's shapes, bf16, logits suite: the
+# peak less the other parts was 2.1 GB at 330 tokens where 8 + 4 + 8 bytes gave 1.47 GB with the runtime part
+LOGIT_BYTES = 4 + 6 * 8
 LIVE = 6  # fp64 copies of the widest activation alive at once inside a block (inputs, outputs, temporaries)
 
 
@@ -180,7 +184,7 @@ def plan_memory(g64: Graph, graphs: dict[str, Graph], max_tokens: int, *, oracle
     cfg = g64.config
     parts = {"baseline": rss_bytes(), "runtime": RUNTIME,
              "backend": max((_tensor_bytes(g) for g in graphs.values()), default=0),
-             "activations": max_tokens * (8 * LIVE * _widest(g64) + (8 + 4 + 8) * cfg.vocab_size),
+             "activations": max_tokens * (8 * LIVE * _widest(g64) + LOGIT_BYTES * cfg.vocab_size),
              "logits kept": logits_cache_bytes(g64, max_tokens)}
     whole, streamed = 8 * g64.checkpoint_tensors_total, streamed_oracle_bytes(g64)
     hf = 4 * g64.checkpoint_tensors_total + 8 * g64.checkpoint_tensors_total + \

@@ -46,6 +46,7 @@ def render(report: dict[str, Any]) -> str:
     env = Environment(autoescape=select_autoescape(default=True, default_for_string=True),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["fmt"] = display.num
+    env.filters["bytes"] = lambda v: "-" if v is None else display.si(v, "B")
     env.filters["err"] = _err
     env.filters["detail"] = _detail
     env.globals["bar"] = _bar

@@ -130,6 +130,10 @@ def test_a_few_hundred_mb_model_runs_streamed_under_a_cap_the_in_memory_oracle_e
     o = rep["oracle"]
     assert o["mode"] == "stream" and o["logits_calls"] >= 1 and 0 < o["peak_param_bytes"] <= m["parts_bytes"]["oracle"]
     assert set(o["seconds_by_block"]) == {"embed", "head", *map(str, range(8))}
+    from nemoh.reports.conformance_html import render
+
+    page = render(rep)  # the plan and the measured peak, on the page too
+    assert "<h2>Memory</h2>" in page and "streamed block by block" in page and "transformers not run" in page
     cases = [c for run in rep["runs"] for c in run["results"]]
     assert {c["status"] for c in cases} == {"OK", "NOT_SUPPORTED"}
     assert all("transformers is not run at this size" in c["message"] for c in cases if c["status"] == "NOT_SUPPORTED")

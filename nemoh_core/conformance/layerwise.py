@@ -43,7 +43,7 @@ from typing import Any, cast
 import torch
 
 from nemoh import dtypes, oracle
-from nemoh.conformance.memory import peak_rss_bytes
+from nemoh.conformance.memory import PeakSampler, peak_rss_bytes
 from nemoh.conformance.tolerances import tol
 from nemoh.errors import NemohError, did_you_mean
 from nemoh.model.config import ModelConfig, load_config
@@ -440,12 +440,16 @@ def run_check(model: str, trace: str | Path, *, layers: str | None = None, shard
     sh = parse_shard(shard)
     requested, parts = plan(config.num_layers, layers, sh)
     model_s, trace_s = str(path.resolve()), str(Path(trace).resolve())
+    sampler = PeakSampler()
     done = (_run_ray(ray, model_s, trace_s, parts) if ray is not None and parts
             else _run_local(model_s, trace_s, parts, progress) if parts else [])
     results = {str(d["part"]): d["result"] for d in done}
     timing = {"seconds": time.perf_counter() - t0, "executor": "ray" if ray is not None else "process",
               "parts": {str(d["part"]): d["seconds"] for d in done}}
+    # this process's allocations (Ray tasks run elsewhere: their ru_maxrss is in peak_rss_bytes); ru_maxrss also
+    # counts the pages of the memory-mapped checkpoint, which the kernel takes back under pressure
     memory = {"peak_rss_bytes": max([peak_rss_bytes(), *(d["peak_rss_bytes"] for d in done)]),
+              "peak_anon_bytes": sampler.stop()["measured_peak_anon_bytes"],
               "oracle_param_peak_bytes": max((d["param_peak_bytes"] for d in done), default=0)}
     return build_report(tr.manifest, layers, requested, sh, results, timing, memory)
 
@@ -541,6 +545,7 @@ def merge(paths: Sequence[Path]) -> dict[str, Any]:
     timing = {"seconds": sum(float(r["timing"].get("seconds") or 0.0) for _, r in reports),
               "executor": "merged", "shards": [{"report": str(p), **r["timing"]} for p, r in reports]}
     memory = {"peak_rss_bytes": max(int(r["memory"].get("peak_rss_bytes") or 0) for _, r in reports),
+              "peak_anon_bytes": max(int(r["memory"].get("peak_anon_bytes") or 0) for _, r in reports),
               "oracle_param_peak_bytes": max(int(r["memory"].get("oracle_param_peak_bytes") or 0) for _, r in reports)}
     return build_report(r0["manifest"], sel.get("layers"), list(sel.get("layers_requested") or []), None, results,
                         timing, memory)

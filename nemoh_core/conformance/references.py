@@ -12,7 +12,9 @@ import torch
 
 from nemoh import oracle
 from nemoh.model.config import ModelConfig
+from nemoh.conformance.tolerances import set_variant
 from nemoh.model.ir import Graph, build_graph
+from nemoh.model.quant import read_quant_config
 from nemoh.model.weights import Checkpoint
 from nemoh.runtime.session import Model, Session
 
@@ -30,6 +32,14 @@ class Reference:
         # fails its import inside a case, which then is SKIPPED with the same hint
         if not importable("transformers"):
             self.hf_unavailable = "transformers is not installed (pip install 'nemoh[ref]')"
+        self.quant = read_quant_config(path)
+        if self.quant is not None:
+            # transformers 5 has no ModelOpt quantizer (it raises "Unknown quantization type, got modelopt"):
+            # the quantized oracle alone is the reference; the quant suite compares with the original
+            self.hf_unavailable = (f"transformers cannot run ModelOpt {self.quant.algo} checkpoints; the fp64 oracle "
+                                   "with the quantized semantics is the reference (the quant suite compares with the "
+                                   "unquantized original)")
+        set_variant("actq" if self.quant is not None and self.quant.fmt in ("fp8", "nvfp4") else "")
 
     @property
     def params(self) -> dict[str, torch.Tensor]:

@@ -41,13 +41,13 @@ SCHEMA = "nemoh-conformance/2"
 
 
 def _resolve_model(model: str) -> Path:
-    from nemoh.model.presets import all_presets, resolve_model
+    from nemoh.model.presets import known_presets, resolve_model
 
     try:
         return resolve_model(model)
     except ModuleNotFoundError as e:  # generating a preset needs transformers (and tokenizers)
         hint = optional_hint(e.name)
-        what = f"preset '{model}' is not in the cache and cannot be generated" if model in all_presets() else \
+        what = f"preset '{model}' is not in the cache and cannot be generated" if model in known_presets() else \
             f"model '{model}' cannot be resolved"
         raise NemohError(f"{what} without the module '{e.name}'"
                          f"{f': {hint}' if hint else ''} (or pass a checkpoint directory)") from None

@@ -105,6 +105,11 @@ class Ctx:
     def hf_unavailable(self) -> str:
         return self.ref.hf_unavailable
 
+    @property
+    def quant(self):
+        """The checkpoint's quantization (nemoh.model.quant.QuantConfig), or None."""
+        return self.ref.quant
+
     def prompt(self, batch: int, length: int, seed: int) -> torch.Tensor:
         """Deterministic token ids in [4, V): no special tokens."""
         key = (batch, length, seed)
@@ -145,5 +150,6 @@ class Ctx:
 class ShapeCtx:
     """Enough of a Ctx for suites to list their cases when the backend can't run."""
 
-    def __init__(self, config, graph, dtype):
+    def __init__(self, config, graph, dtype, quant=None):
         self.config, self.graph, self.dtype = config, graph, dtype
+        self.quant = quant  # the checkpoint's nemoh.model.quant.QuantConfig, or None

@@ -105,7 +105,7 @@ def run_conformance(model: str, backends: list[str], dtypes: list[str], suites: 
     for spec, be in instances:
         for dtype in dtypes:
             graph = build_graph(config, dtype)
-            shape = ShapeCtx(config, graph, dtype)
+            shape = ShapeCtx(config, graph, dtype, ref.quant)
             plan.append((spec, be, dtype, graph, [(s, c) for s in chosen for c in s.cases(shape)]))
     book = Book(report, json_path, [(spec, dtype, [c.id for _, c in cases]) for spec, _, dtype, _, cases in plan])
     book.write()

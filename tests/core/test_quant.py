@@ -285,3 +285,39 @@ def test_verify_compares_dequantized_weights_and_stored_codes(nvfp4, capsys):
     assert cli_main(["verify", str(nvfp4)]) == 0
     out = capsys.readouterr().out
     assert "stored NVFP4 codes and scales bit-equal" in out and "MISMATCH" not in out
+
+
+@pytest.mark.slow  # importing modelopt takes ~13 s; `nox -s quant` installs it and runs this
+def test_writer_is_bit_exact_with_modelopt():
+    """nemoh's writer against ModelOpt's own quantizers (NVFP4QTensor, FP8QTensor) on the CPU: the same packed
+    bytes, block scales and global scale. ModelOpt's own NVFP4 dequantize rounds in fp32 (its e2m1 table and the
+    block x global product are fp32): within 1 fp32 ulp of the exact fp64 dequant_nvfp4."""
+    try:
+        from modelopt.torch.quantization.qtensor.fp8_tensor import FP8QTensor
+        from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+    except ImportError:
+        pytest.skip("nvidia-modelopt is not installed (pip install nvidia-modelopt; CPU is enough)")
+    w = torch.randn(64, 256, generator=GEN)
+    w[5, :16] = 0.0
+    q, bs, g = NVFP4QTensor.quantize(w.clone(), 16)
+    p2, bs2, g2 = quantize_nvfp4(w)
+    assert torch.equal(q._quantized_data, p2) and torch.equal(bs.view(torch.uint8), bs2.view(torch.uint8))
+    assert torch.equal(g.reshape(()), g2)
+    deq = q.dequantize(dtype=torch.float64, scale=bs, double_scale=g, block_sizes={-1: 16})
+    exact = dequant_nvfp4(p2, bs2, g2)
+    assert ((deq - exact).abs() <= exact.abs() * 2.0 ** -23).all()
+    qf, sf = FP8QTensor.quantize(w.clone())[:2]
+    q8, s8 = quantize_fp8(w)
+    assert torch.equal(qf._quantized_data.view(torch.uint8), q8.view(torch.uint8)) and sf.reshape(()).item() == s8.item()
+
+
+def test_quant_suite_scores_against_the_unquantized_original():
+    from nemoh.conformance.runner import run_conformance
+
+    report = run_conformance("tiny-wide-nvfp4", ["torch"], ["float32"], ["quant"], progress=False, deviations=False)
+    (res,) = report["runs"][0]["results"]
+    assert res["status"] == "OK" and res["name"].startswith("NVFP4-vs-original"), res
+    d = res["details"]
+    assert d["vs_quantized_oracle"]["kl"] < 1e-6  # the executor runs the quantized meaning
+    assert d["quantized_oracle_vs_original_oracle"]["kl"] > 1e-3  # and the format costs something measurable
+    assert 0 < d["vs_f32"]["kl_se"] < d["vs_f32"]["kl"] and d["vs_f32"]["n"] == 2 * (128 + 37 - 1)

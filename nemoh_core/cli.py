@@ -227,7 +227,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             from nemoh.model.weights import stored_mismatches
 
             n_stored, bad_stored = stored_mismatches(m.checkpoint, m.graph, read_stored)
-            print(f"{n_stored - len(bad_stored)}/{n_stored} stored {m.checkpoint.quant.algo} codes and scales bit-equal to the file")
+            print(f"{n_stored - len(bad_stored)}/{n_stored} stored {m.checkpoint.quant.algo} codes and scales "
+                  "bit-equal to the file")
             bad = bad + bad_stored
     for name in bad:
         print(f"MISMATCH {name}")

@@ -105,7 +105,8 @@ def run_vs_original(case: Case, ctx) -> Result:
                "quantized_oracle_vs_original_oracle": format_cost, "vs_quantized_oracle": vs_q_oracle}
     res = judge(case, ms, details=details)
     if res.status is Status.OK:
-        res.message = (f"measured, not judged (no {qt} rows): vs original KL {vs_f32['kl']:.3g} ± {vs_f32['kl_se']:.2g}, "
+        res.message = (f"measured, not judged (no {qt} rows): vs original KL {vs_f32['kl']:.3g} ± "
+                       f"{vs_f32['kl_se']:.2g}, "
                        f"top-1 {vs_f32['top1']:.3f} ± {vs_f32['top1_se']:.3f}, RMS Δp {vs_f32['rms_dp']:.3g} ± "
                        f"{vs_f32['rms_dp_se']:.2g}; the format itself (quantized vs original oracle) KL "
                        f"{format_cost['kl']:.3g}")

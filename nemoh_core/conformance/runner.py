@@ -28,7 +28,7 @@ from nemoh.conformance.execute import (
 )
 from nemoh.conformance.isolation import Watchdog, abort_on_timeout, run_isolated
 from nemoh.conformance.references import Ctx, Reference, ShapeCtx
-from nemoh.conformance.tolerances import TOLERANCES
+from nemoh.conformance.tolerances import TOLERANCES, set_variant
 from nemoh.environment import environment
 from nemoh.errors import NemohError
 from nemoh.model.config import load_config
@@ -156,5 +156,6 @@ def run_conformance(model: str, backends: list[str], dtypes: list[str], suites: 
         if watchdog:
             watchdog.close()
         bar.close()
+        set_variant("")  # the model's tolerance variant (Reference) ends with its run
     book.write(complete=True)
     return report

@@ -308,7 +308,8 @@ def test_writer_is_bit_exact_with_modelopt():
     assert ((deq - exact).abs() <= exact.abs() * 2.0 ** -23).all()
     qf, sf = FP8QTensor.quantize(w.clone())[:2]
     q8, s8 = quantize_fp8(w)
-    assert torch.equal(qf._quantized_data.view(torch.uint8), q8.view(torch.uint8)) and sf.reshape(()).item() == s8.item()
+    assert torch.equal(qf._quantized_data.view(torch.uint8), q8.view(torch.uint8))
+    assert sf.reshape(()).item() == s8.item()
 
 
 def test_quant_suite_scores_against_the_unquantized_original():

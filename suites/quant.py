@@ -82,7 +82,11 @@ def run_vs_original(case: Case, ctx) -> Result:
     q = ctx.session(p["B"]).forward(ids)
     cfg = load_config(orig)
     ck = Checkpoint(orig)
-    base_be = type(ctx.model.backend)()
+    try:  # the same executor on the original: a fresh instance of the backend's class
+        base_be = type(ctx.model.backend)()
+    except TypeError as e:
+        return Result(case, Status.NOT_SUPPORTED, message=f"cannot make a second {ctx.model.backend.name} backend "
+                                                          f"for the original checkpoint ({e})")
     base_be.load(build_graph(cfg, ctx.dtype), ck)
     base = base_be.forward(base_be.new_state(p["B"]), ids, None)
     g64 = build_graph(cfg, "float64")

@@ -179,6 +179,9 @@ class Checkpoint:
             self.entries.setdefault(name, []).append(Entry(f, key, expert))
         if ignored:
             self.notices.append(f"ignored {ignored} mtp.* tensors (the speculative multi-token head)")
+        if self.quant is not None and self.quant.kv_cache_algo is not None:
+            self.notices.append(f"kv_cache_quant_algo {self.quant.kv_cache_algo} is read (k_scale/v_scale validated) "
+                                "but not applied: the KV cache stays at the compute dtype (docs/quantized-formats.md)")
 
     def _handle(self, f: Path):
         if f not in self._handles:

@@ -223,6 +223,24 @@ def gpu(session: nox.Session) -> None:
 
 
 @nox.session
+def quant(session: nox.Session) -> None:
+    """Quantized checkpoints (issue 20): every planted quantization bug (slow ones too), the format tests, then
+    conformance of the torch executor on each quantized preset at float64 (the exact meaning) and float32,
+    into artifacts/quant/."""
+    install(session)
+    session.install("nvidia-modelopt", TORCH)  # the writer checked bit-exact against ModelOpt's own quantizers
+    session.run("pytest", "-q", "-p", "no:cacheprovider", "-m", "slow or not slow", "tests/core/test_quant.py",
+                "tests/sensitivity/test_quant_sensitivity.py")
+    out = Path("artifacts/quant")
+    out.mkdir(parents=True, exist_ok=True)
+    presets = session.run("python", "-c", "from nemoh.model.presets import QUANT_SPECS; print(' '.join(QUANT_SPECS))",
+                          silent=True).split()
+    for preset in session.posargs or presets:
+        session.run("nemoh", "conformance", "--model", preset, "--backend", "torch", "--dtype", "float64,float32",
+                    "--json", str(out / f"{preset}.json"), "--html", str(out / f"{preset}.html"), "--no-progress")
+
+
+@nox.session
 def fuzz(session: nox.Session) -> None:
     """The hostile-input fuzzers (tests/core/test_hostile_inputs.py: config.json, safetensors headers and
     index files through the CLI) at a large example count (NEMOH_FUZZ_EXAMPLES, default 2000)."""

@@ -17,8 +17,21 @@ import torch.nn.functional as F
 
 from nemoh import dtypes
 from nemoh.model.ir import Graph, Layer
+from nemoh.model.quant import act_quant_of, aux_name
 from nemoh.model.weights import Checkpoint
 from nemoh.runtime.backend import BackendBase
+
+E2M1_BOUNDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)  # midpoints between e2m1 magnitudes
+E2M1_TIES_UP = (0.75, 1.75, 3.5)  # midpoints whose even neighbour is the upper one
+
+
+def _byte_table(nibble_low_first: bool = True) -> torch.Tensor:
+    """[256, 2] fp64: the two e2m1 values a byte holds, in element order."""
+    mag = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
+    val = torch.cat([mag, -mag])  # code 8..15: negative
+    b = torch.arange(256)
+    lo, hi = val[b & 15], val[b >> 4]
+    return torch.stack([lo, hi] if nibble_low_first else [hi, lo], dim=-1)
 
 
 @dataclass
@@ -105,7 +118,16 @@ class TorchBackend(BackendBase):
         self.graph = graph
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtypes.torch_dtype(graph.dtype)
-        self.p = {k: v.to(self.device) for k, v in checkpoint.load(graph).items()}
+        p = checkpoint.load(graph)
+        # quantized linears: the stored codes and scales are kept as read (verify and the weights suite compare
+        # them with the file), and dequantized here by this executor's own decoder (not the oracle's)
+        self.stored = {k: v.clone() for k, v in checkpoint.stored(graph).items()}
+        self.formats = checkpoint.formats(graph)
+        specs = {t.name: t for t in graph.params}
+        for name, fmt in self._quantized(graph, checkpoint).items():
+            p[name] = self._dequant(name, fmt, checkpoint).to(dtypes.torch_dtype(specs[name].dtype))
+        self.p = {k: v.to(self.device) for k, v in p.items()}
+        self.aq = {t.name: a for t in graph.params if (a := act_quant_of(self.p, t.name)) is not None}
         self.acc = dtypes.acc(self.dtype)
         # derived once: A = -exp(A_log) exactly once, in the accumulation dtype
         self.A = {l.index: -torch.exp(self.p[f"layers.{l.index}.mixer.A_log"].to(self.acc))
@@ -113,6 +135,66 @@ class TorchBackend(BackendBase):
 
     def read_param(self, name: str) -> torch.Tensor:
         return self.p[name].detach().cpu().clone()
+
+    def read_stored(self, name: str) -> torch.Tensor:
+        """A quantized linear's codes or scale as this executor holds them (names as Checkpoint.stored)."""
+        return self.stored[name].detach().cpu().clone()
+
+    # -- quantized checkpoints: seams (tests plant the bugs a port of a quantized format can make here) ------
+    def _quantized(self, graph: Graph, checkpoint: Checkpoint) -> dict[str, str]:
+        """The linears to dequantize: those the checkpoint's quantization config quantizes."""
+        return self.formats
+
+    def _codes(self, name: str, fmt: str) -> torch.Tensor:
+        """FP8: the e4m3 weight as fp64. NVFP4: the e2m1 values of the packed bytes, fp64 [..., out, in]."""
+        w = self.stored[name]
+        if fmt == "fp8":
+            return w.to(torch.float64)
+        return _byte_table()[w.to(torch.int64)].flatten(-2)
+
+    def _block_scales(self, v: torch.Tensor, bs: torch.Tensor) -> torch.Tensor:
+        """v [..., out, in] times its e4m3 block scale bs [..., out, in/16]: one scale per 16 elements."""
+        return v * bs.to(torch.float64).repeat_interleave(16, dim=-1)
+
+    def _global_scale(self, v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """v [..., out, in] times the per-tensor scale g ([] or [E])."""
+        return v * g.to(torch.float64).reshape(*g.shape, 1, 1)
+
+    def _dequant(self, name: str, fmt: str, checkpoint: Checkpoint) -> torch.Tensor:
+        """Weight `name` dequantized to fp64 (exact), from the stored tensors."""
+        v = self._codes(name, fmt)
+        if fmt == "fp8":
+            return self._global_scale(v, self.stored[aux_name(name, "weight_scale")])
+        v = self._block_scales(v, self.stored[aux_name(name, "weight_scale")])
+        return self._global_scale(v, self.stored[aux_name(name, "weight_scale_2")])
+
+    def _act_fp8(self, x, s):
+        """Static FP8 activation quantization: e4m3(x / s) * s, saturating at +-448."""
+        s = s.to(self.acc)
+        return ((x.to(self.acc) / s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).to(self.acc) * s).to(x.dtype)
+
+    def _act_nvfp4(self, x, input_scale):
+        """NVFP4 activation quantization (per 16-element block: e4m3 scale of g * amax / 6, g = 1 / input_scale;
+        values to e2m1 with ties to even and saturation at +-6), returned dequantized at x's dtype."""
+        acc = self.acc
+        xb = x.to(acc).unflatten(-1, (-1, 16))
+        g = 1.0 / input_scale.to(acc)
+        s = (g * xb.abs().amax(-1, keepdim=True) / 6.0).clamp(max=448.0).to(torch.float8_e4m3fn).to(acc)
+        y = torch.where(s > 0, xb * g / torch.where(s > 0, s, 1.0), 0.0)
+        a = y.abs().clamp(max=6.0)
+        bounds = torch.tensor(E2M1_BOUNDS, dtype=acc, device=x.device)
+        i = torch.bucketize(a, bounds) + torch.isin(a, torch.tensor(E2M1_TIES_UP, dtype=acc, device=x.device))
+        mag = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=acc, device=x.device)[i]
+        return (torch.copysign(mag, y) * s / g).flatten(-2).to(x.dtype)
+
+    def _quant_act(self, weight: str, x, expert: int | None = None):
+        """The input of quantized linear `weight` quantized as its format prescribes (identity otherwise)."""
+        a = self.aq.get(weight)
+        if a is None:
+            return x
+        fmt, s = a
+        s = s if expert is None else s[expert]
+        return self._act_fp8(x, s) if fmt == "fp8" else self._act_nvfp4(x, s)
 
     def _loaded(self) -> Graph:
         if self.graph is None:
@@ -190,7 +272,7 @@ class TorchBackend(BackendBase):
             x = x[:, -1:]
         h = self._rmsnorm(x, self.p["norm_f.weight"], g.head.ops[0].a["eps"])
         rec("norm_f", h)
-        logits = F.linear(h, self.p["lm_head.weight"])
+        logits = self._linear("lm_head", h)
         rec("lm_head", logits)
         return logits.to(torch.float64 if self.dtype == torch.float64 else torch.float32).cpu()
 
@@ -200,7 +282,7 @@ class TorchBackend(BackendBase):
         return (w.to(self.acc) * y).to(x.dtype)
 
     def _linear(self, name: str, x):
-        return F.linear(x, self.p[f"{name}.weight"], self.p.get(f"{name}.bias"))
+        return F.linear(self._quant_act(f"{name}.weight", x), self.p[f"{name}.weight"], self.p.get(f"{name}.bias"))
 
     # -- seams: one natural sub-step each (tests inject the bugs real engines shipped here) ------
     def _pad(self, x, pad):
@@ -350,7 +432,9 @@ class TorchBackend(BackendBase):
         for e, n in enumerate(counts):  # tokens grouped per expert: one matmul pair per used expert
             if n:
                 t = tok[start:start + n]
-                ye = F.linear(torch.relu(F.linear(x[t], up[e])).square(), down[e])
+                xe = self._quant_act(pre + "experts.up_proj", x[t], e)
+                he = self._quant_act(pre + "experts.down_proj", torch.relu(F.linear(xe, up[e])).square(), e)
+                ye = F.linear(he, down[e])
                 routed.index_add_(0, t, ye.to(acc) * wt[start:start + n, None])
                 start += n
         routed = routed.to(self.dtype)

@@ -17,13 +17,13 @@ from nemoh.errors import NemohError, did_you_mean, one_line
 def _config_for(model: str):
     """The ModelConfig of a checkpoint directory, a config.json, or a preset (no weights needed)."""
     from nemoh.model.config import load_config, parse_config
-    from nemoh.model.presets import all_presets
+    from nemoh.model.presets import known_presets
 
     p = Path(model)
     if p.exists():
         return load_config(p)
-    if model in all_presets():
-        return parse_config(all_presets()[model].config, f"preset {model}")
+    if model in known_presets():
+        return parse_config(known_presets()[model].config, f"preset {model}")
     from nemoh.model.presets import resolve_model
 
     return load_config(resolve_model(model))  # raises the did-you-mean error
@@ -58,6 +58,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                   "attention_heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
                   "attention_head_dim": config.head_dim, "chunk_size": config.chunk_size,
                   "vocab_size": config.vocab_size},
+        "quantization": _quant_summary(args.model, g),
     }
     if args.json:
         print(json.dumps(summary, indent=1))
@@ -83,7 +84,56 @@ def cmd_inspect(args: argparse.Namespace) -> int:
           f"({g.state_bytes_per_sequence:,} bytes)")
     print(f"  state per token of context (kv): {display.nbytes(g.state_bytes_per_token)} "
           f"({g.state_bytes_per_token:,} bytes)")
+    q = summary["quantization"]
+    if q is not None:
+        print(f"  quantization: {q['algo']} ({q['producer'] or 'producer unknown'}, {q['source']})"
+              + (f", group size {q['group_size']}" if q["group_size"] else "") + f", KV cache {q['kv_cache']}")
+        print(f"    quantized linears: {q['quantized_linears']} ({q['quantized_params']:,} params, "
+              f"{q['quantized_bytes_per_param']:.4g} bytes each with scales); bytes per parameter overall "
+              f"{q['bytes_per_param']:.4g} (unquantized tensors at {q['float_dtype']})")
+        print(f"    exclude_modules: {', '.join(q['exclude_modules']) or '(none)'}")
+        print(f"    kept unquantized: {', '.join(q['unquantized_linears'][:8]) or '(none)'}"
+              + (f" and {len(q['unquantized_linears']) - 8} more" if len(q["unquantized_linears"]) > 8 else ""))
     return 0
+
+
+def _quant_summary(model: str, g) -> dict | None:
+    """What `inspect` says about a quantized checkpoint (None for an unquantized one): algorithm, group size,
+    exclude_modules, KV-cache format, which linears stay unquantized and the bytes per parameter."""
+    import re
+
+    from nemoh import dtypes as dt
+    from nemoh.model.presets import known_presets
+    from nemoh.model.quant import QUANTIZABLE, quant_config_of, read_quant_config, stored_bytes
+
+    p = Path(model)
+    if p.exists():
+        qc = read_quant_config(p if p.is_dir() else p.parent)
+    elif model in known_presets():
+        qc = quant_config_of(known_presets()[model].config, f"preset {model}")
+    else:
+        qc = None
+    if qc is None:
+        return None
+    fdt = g.config.torch_dtype
+    size = dt.ITEMSIZE.get(fdt, 2)
+    total = qbytes = qparams = 0.0
+    quantized, kept = [], []
+    for t in g.params:
+        stacked = bool(re.search(r"experts\.(up|down)_proj$", t.name))
+        fmt = qc.format_of(t.name, t.shape[0] if stacked else None)
+        if fmt is None:
+            total += t.numel * (4 if t.dtype == "float32" and t.buffer else size)
+            if QUANTIZABLE.fullmatch(t.name):
+                kept.append(t.name)
+            continue
+        b = stored_bytes(fmt, t.numel, t.shape[0] if stacked else 1)
+        total, qbytes, qparams = total + b, qbytes + b, qparams + t.numel
+        quantized.append(t.name)
+    n = sum(t.numel for t in g.params)
+    return {**qc.summary(), "quantized_linears": len(quantized), "quantized_params": int(qparams),
+            "quantized_bytes_per_param": qbytes / qparams if qparams else 0.0, "bytes_per_param": total / n,
+            "float_dtype": fdt, "unquantized_linears": kept}
 
 
 def cmd_make_model(args: argparse.Namespace) -> int:
@@ -124,19 +174,19 @@ def _size(text: str) -> int:
 def cmd_presets(args: argparse.Namespace) -> int:
     from nemoh.model.config import parse_config
     from nemoh.model.ir import build_graph
-    from nemoh.model.presets import all_presets
+    from nemoh.model.presets import all_presets, quant_presets
 
-    for name, p in all_presets().items():
+    for name, p in {**all_presets(), **quant_presets()}.items():
         g = build_graph(parse_config(p.config, name), "float32")
-        print(f"{name:<18} {g.config.pattern:<12} {g.params_total:>10,} params  {p.description}")
+        print(f"{name:<20} {g.config.pattern:<12} {g.params_total:>10,} params  {p.description}")
     return 0
 
 
 def _is_preset(model: str) -> bool:
     """`model` names a built-in preset (random weights), not a checkpoint on disk."""
-    from nemoh.model.presets import all_presets
+    from nemoh.model.presets import known_presets
 
-    return not Path(model).expanduser().exists() and model in all_presets()
+    return not Path(model).expanduser().exists() and model in known_presets()
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -193,7 +243,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
     loaded = {t.name: m.backend.read_param(t.name) for t in m.graph.params}
     bad = m.checkpoint.mismatches(loaded)
     print(f"{len(loaded) - len(bad)}/{len(loaded)} tensors bit-equal to {m.path} "
-          f"(backend {m.backend.name}, dtype {m.graph.dtype})")
+          f"(backend {m.backend.name}, dtype {m.graph.dtype})"
+          + (" (quantized linears: dequantized exactly, then cast)" if m.checkpoint.quant is not None else ""))
+    read_stored = getattr(m.backend, "read_stored", None)
+    if m.checkpoint.quant is not None:
+        if read_stored is None:
+            print(f"note: backend {m.backend.name} does not expose the stored {m.checkpoint.quant.algo} codes and "
+                  "scales (read_stored); only the dequantized weights were compared")
+        else:
+            from nemoh.model.weights import stored_mismatches
+
+            n_stored, bad_stored = stored_mismatches(m.checkpoint, m.graph, read_stored)
+            print(f"{n_stored - len(bad_stored)}/{n_stored} stored {m.checkpoint.quant.algo} codes and scales "
+                  "bit-equal to the file")
+            bad = bad + bad_stored
     for name in bad:
         print(f"MISMATCH {name}")
     return 1 if bad else 0

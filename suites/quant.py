@@ -8,6 +8,12 @@ checkpoint at that weight type, e.g. llama.cpp's GGUF Q8_0 / Q4_K_M); the others
 at --dtype float32 (activations in F32; only the weights change). Tolerances are read from the one table
 with the quant type as the dtype key (`tol("quant_kl", "Q8_0")`); a metric without a row is measured and
 reported, not judged (rows proposed in docs/llamacpp.md).
+
+A ModelOpt-quantized checkpoint (FP8, NVFP4: nemoh.model.quant) is scored against its unquantized original
+instead, with the same statistics: the executor on the quantized checkpoint against the same executor on the
+original, and against the fp64 oracle of the original; the quantized oracle's own distance to the original
+oracle (what the format costs, whoever runs it) is reported next to them. The original is known for the
+quantized presets (nemoh.model.presets.original_of); for another checkpoint set NEMOH_QUANT_ORIGINAL=DIR.
 """
 
 from __future__ import annotations
@@ -36,7 +42,79 @@ def length(ctx) -> int:
 
 def cases(ctx) -> list[Case]:
     T = length(ctx)
+    q = getattr(ctx, "quant", None)
+    if q is not None:
+        return [Case("quant", f"{q.algo}-vs-original(T={T},B={B})", (("type", q.algo), ("T", T), ("B", B),
+                                                                      ("original", True)), seed=31)]
     return [Case("quant", f"{qt}(T={T},B={B})", (("type", qt), ("T", T), ("B", B)), seed=31) for qt in types()]
+
+
+def original_checkpoint(path) -> str | None:
+    """The unquantized original of the quantized checkpoint at `path`: NEMOH_QUANT_ORIGINAL, or the preset's."""
+    from pathlib import Path
+
+    from nemoh.model import presets as P
+
+    if os.environ.get("NEMOH_QUANT_ORIGINAL"):
+        return os.environ["NEMOH_QUANT_ORIGINAL"]
+    for name in P.QUANT_SPECS:
+        if Path(path).resolve() == (P.cache_root() / "checkpoints" / f"{name}-{P.fingerprint(name)}").resolve():
+            orig = P.original_of(name)
+            return str(P.cached_checkpoint(orig)) if orig else None
+    return None
+
+
+def run_vs_original(case: Case, ctx) -> Result:
+    from nemoh import oracle
+    from nemoh.model.config import load_config
+    from nemoh.model.ir import build_graph
+    from nemoh.model.weights import Checkpoint
+
+    p = case.p
+    qt = p["type"]
+    orig = original_checkpoint(ctx.model.path)
+    if orig is None:
+        return Result(case, Status.NOT_SUPPORTED, message="no unquantized original known for this checkpoint "
+                                                          "(set NEMOH_QUANT_ORIGINAL=DIR)")
+    if ctx.dtype != "float32":
+        return Result(case, Status.NOT_SUPPORTED, message="the quant suite runs at --dtype float32")
+    ids = ctx.prompt(p["B"], p["T"], case.seed)
+    q = ctx.session(p["B"]).forward(ids)
+    cfg = load_config(orig)
+    ck = Checkpoint(orig)
+    try:  # the same executor on the original: a fresh instance of the backend's class
+        base_be = type(ctx.model.backend)()
+    except TypeError as e:
+        return Result(case, Status.NOT_SUPPORTED, message=f"cannot make a second {ctx.model.backend.name} backend "
+                                                          f"for the original checkpoint ({e})")
+    base_be.load(build_graph(cfg, ctx.dtype), ck)
+    base = base_be.forward(base_be.new_state(p["B"]), ids, None)
+    g64 = build_graph(cfg, "float64")
+    oracle_orig = oracle.run(g64, ck.load(g64), ids)
+    oracle_q = ctx.oracle_logits(ids)
+    nxt = ids[:, 1:]
+    vs_oracle = kl_stats(oracle_orig[:, :-1], q[:, :-1], nxt)
+    vs_f32 = kl_stats(base[:, :-1], q[:, :-1], nxt)
+    format_cost = kl_stats(oracle_orig[:, :-1], oracle_q[:, :-1], nxt)
+    vs_q_oracle = kl_stats(oracle_q[:, :-1], q[:, :-1], nxt)
+    label = f"{qt} vs"
+    ms = [Metric("quant_kl", vs_oracle["kl"], tol("quant_kl", qt), label=f"{label} original, oracle fp64"),
+          Metric("quant_kl_f32", vs_f32["kl"], tol("quant_kl_f32", qt), label=f"{label} original, same executor"),
+          Metric("quant_top1", vs_f32["top1"], tol("quant_top1", qt), higher_is_better=True,
+                 label=f"{label} original, same executor"),
+          Metric("quant_top1_oracle", vs_oracle["top1"], tol("quant_top1_oracle", qt), higher_is_better=True,
+                 label=f"{label} original, oracle fp64"),
+          Metric("quant_rms_dp", vs_f32["rms_dp"], tol("quant_rms_dp", qt), label=f"{label} original, same executor")]
+    details = {"type": qt, "original": orig, "vs_oracle": vs_oracle, "vs_f32": vs_f32,
+               "quantized_oracle_vs_original_oracle": format_cost, "vs_quantized_oracle": vs_q_oracle}
+    res = judge(case, ms, details=details)
+    if res.status is Status.OK:
+        res.message = (f"measured, not judged (no {qt} rows): vs original KL {vs_f32['kl']:.3g} ± "
+                       f"{vs_f32['kl_se']:.2g}, "
+                       f"top-1 {vs_f32['top1']:.3f} ± {vs_f32['top1_se']:.3f}, RMS Δp {vs_f32['rms_dp']:.3g} ± "
+                       f"{vs_f32['rms_dp_se']:.2g}; the format itself (quantized vs original oracle) KL "
+                       f"{format_cost['kl']:.3g}")
+    return res
 
 
 def _se(x: torch.Tensor) -> float:
@@ -70,6 +148,8 @@ def kl_stats(ref: torch.Tensor, out: torch.Tensor, next_tokens: torch.Tensor | N
 
 
 def run(case: Case, ctx) -> Result:
+    if case.p.get("original"):
+        return run_vs_original(case, ctx)
     p = case.p
     qt = p["type"]
     be = ctx.model.backend

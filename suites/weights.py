@@ -1,12 +1,14 @@
 """weights: every tensor the backend loaded is bit-equal to the checkpoint file (cast to the dtype
-the backend computes in; the router's correction bias stays fp32)."""
+the backend computes in; the router's correction bias stays fp32). A quantized checkpoint's linears are
+compared dequantized (exactly, then cast), and the codes and scales a backend holds (`read_stored`) bit for
+bit with the file."""
 
 from __future__ import annotations
 
 import torch
 
 from nemoh.conformance.case import Case, Metric, Result, Status, Suite, judge
-from nemoh.model.weights import bit_pattern
+from nemoh.model.weights import bit_pattern, stored_mismatches
 from nemoh.runtime.backend import capability
 
 
@@ -38,7 +40,12 @@ def run(case: Case, ctx) -> Result:
             ref = transform(name, ck.read(name)).to(t.dtype)
             if ref.shape != t.shape or not torch.equal(bit_pattern(ref), bit_pattern(t.detach().cpu())):
                 bad.append(name)
-    res = judge(case, [Metric("mismatched_tensors", float(len(bad)), 0.0, label=f"of {len(loaded)}")],
+    n = len(loaded)
+    read_stored = getattr(be, "read_stored", None)
+    if ck.quant is not None and read_stored is not None:  # the packed codes and scales too, bit for bit
+        n_stored, bad_stored = stored_mismatches(ck, ctx.graph, read_stored)
+        n, bad = n + n_stored, bad + bad_stored
+    res = judge(case, [Metric("mismatched_tensors", float(len(bad)), 0.0, label=f"of {n}")],
                 details={"mismatched": bad[:50]})
     if bad:  # the names, where the user looks first (the console and the report's failure list)
         res.message += ": " + ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")

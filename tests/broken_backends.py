@@ -161,6 +161,83 @@ BUGS = {
                                                                "layers.{i}.mixer.conv1d"}),
 }
 
+
+
+# -- quantized checkpoints (issue 20): the mistakes a port of ModelOpt's FP8 / NVFP4 can make ---------------
+
+
+class NibbleOrderSwapped(TorchBackend):
+    """Reads element 2j from the high nibble (ModelOpt packs it in the low one)."""
+
+    def _codes(self, name, fmt):
+        if fmt == "fp8":
+            return super()._codes(name, fmt)
+        from nemoh.backends.torch_backend import _byte_table
+
+        return _byte_table(nibble_low_first=False)[self.stored[name].to(torch.int64)].flatten(-2)
+
+
+class BlockScaleShifted(TorchBackend):
+    """Applies each e4m3 block scale to the wrong 16 elements (blocks misaligned by half a block)."""
+
+    def _block_scales(self, v, bs):
+        return v * torch.roll(bs.to(torch.float64).repeat_interleave(16, dim=-1), 8, dims=-1)
+
+
+class GlobalScaleForgotten(TorchBackend):
+    """Drops the per-tensor scale (NVFP4's weight_scale_2, FP8's weight_scale)."""
+
+    def _global_scale(self, v, g):
+        return v
+
+
+class GlobalScaleTwice(TorchBackend):
+    """Applies the per-tensor scale twice (once folded into the block scales, once after)."""
+
+    def _global_scale(self, v, g):
+        return super()._global_scale(super()._global_scale(v, g), g)
+
+
+class ActivationsNotQuantized(TorchBackend):
+    """Reads a W4A4 / W8A8 checkpoint as weight-only: the activations stay in high precision."""
+
+    def _quant_act(self, weight, x, expert=None):
+        return x
+
+
+class ExcludedModuleQuantized(TorchBackend):
+    """Ignores exclude_modules: every linear is quantized to the checkpoint's format, excluded ones too."""
+
+    def load(self, graph, checkpoint, *, device=None):
+        from nemoh.model.quant import QUANTIZABLE
+        from nemoh.model.quant_writer import quantize_nvfp4
+        from nemoh.oracle.ops import dequant_nvfp4
+
+        super().load(graph, checkpoint, device=device)
+        for name, w in list(self.p.items()):
+            if QUANTIZABLE.fullmatch(name) and name not in self.formats and w.dim() == 2:
+                self.p[name] = dequant_nvfp4(*quantize_nvfp4(w.float())).to(w.dtype)
+
+
+class Fp8ReadAsE5M2(TorchBackend):
+    """Reinterprets the FP8 weight bytes as float8_e5m2 instead of float8_e4m3fn."""
+
+    def _codes(self, name, fmt):
+        if fmt != "fp8":
+            return super()._codes(name, fmt)
+        return self.stored[name].view(torch.uint8).view(torch.float8_e5m2).to(torch.float64)
+
+
+QUANT_BUGS = {  # judged at float64, where the executor matches the quantized oracle to ~1e-15
+    "NibbleOrderSwapped": ("tiny-wide-nvfp4", "mamba", {"layers.{i}.mixer.in_proj"}),
+    "BlockScaleShifted": ("tiny-wide-nvfp4", "mamba", {"layers.{i}.mixer.in_proj"}),
+    "GlobalScaleForgotten": ("tiny-wide-nvfp4", "mamba", {"layers.{i}.mixer.in_proj"}),
+    "GlobalScaleTwice": ("tiny-wide-nvfp4", "mamba", {"layers.{i}.mixer.in_proj"}),
+    "ActivationsNotQuantized": ("tiny-wide-nvfp4", "mamba", {"layers.{i}.mixer.in_proj"}),
+    "ExcludedModuleQuantized": ("tiny-wide-nvfp4", "attention", {"layers.{i}.mixer.attention"}),
+    "Fp8ReadAsE5M2": ("tiny-moe-fp8", "mamba", {"layers.{i}.mixer.in_proj"}),
+}
+
 assert math.isfinite(len(BUGS)) and F is not None  # keep the imports honest for linters
 
 

@@ -13,9 +13,11 @@ from typing import Any
 import torch
 
 from nemoh import oracle
+from nemoh.conformance.case import Status
+from nemoh.conformance.tolerances import set_variant
 from nemoh.model.config import ModelConfig
 from nemoh.model.ir import Graph, build_graph
-from nemoh.conformance.case import Status
+from nemoh.model.quant import read_quant_config
 from nemoh.model.weights import Checkpoint
 from nemoh.oracle.stream import StreamedParams
 from nemoh.runtime.session import Model, Session
@@ -43,6 +45,15 @@ class Reference:
             self.hf_unavailable, self.hf_status = hf_too_big, Status.NOT_SUPPORTED
         elif not importable("transformers"):
             self.hf_unavailable = "transformers is not installed (pip install 'nemoh[ref]')"
+        self.quant = read_quant_config(path)
+        if self.quant is not None:
+            # transformers 5 has no ModelOpt quantizer (it raises "Unknown quantization type, got modelopt"):
+            # the quantized oracle alone is the reference; the quant suite compares with the original
+            self.hf_status = Status.NOT_SUPPORTED
+            self.hf_unavailable = (f"transformers cannot run ModelOpt {self.quant.algo} checkpoints; the fp64 oracle "
+                                   "with the quantized semantics is the reference (the quant suite compares with the "
+                                   "unquantized original)")
+        set_variant("actq" if self.quant is not None and self.quant.fmt in ("fp8", "nvfp4") else "")
 
     @property
     def params(self) -> Mapping[str, torch.Tensor]:
@@ -135,6 +146,9 @@ class Ctx:
     def hf_status(self) -> Status:
         """SKIPPED when transformers is not installed, NOT_SUPPORTED when the model is too big for it here."""
         return self.ref.hf_status
+    def quant(self):
+        """The checkpoint's quantization (nemoh.model.quant.QuantConfig), or None."""
+        return self.ref.quant
 
     def prompt(self, batch: int, length: int, seed: int) -> torch.Tensor:
         """Deterministic token ids in [4, V): no special tokens."""
@@ -176,5 +190,6 @@ class Ctx:
 class ShapeCtx:
     """Enough of a Ctx for suites to list their cases when the backend can't run."""
 
-    def __init__(self, config, graph, dtype):
+    def __init__(self, config, graph, dtype, quant=None):
         self.config, self.graph, self.dtype = config, graph, dtype
+        self.quant = quant  # the checkpoint's nemoh.model.quant.QuantConfig, or None

@@ -29,11 +29,12 @@ from nemoh.conformance.execute import (
 from nemoh.conformance.memory import PeakSampler, plan_memory
 from nemoh.conformance.isolation import Watchdog, abort_on_timeout, run_isolated
 from nemoh.conformance.references import Ctx, Reference, ShapeCtx
-from nemoh.conformance.tolerances import TOLERANCES
+from nemoh.conformance.tolerances import TOLERANCES, set_variant
 from nemoh.environment import environment
 from nemoh.errors import NemohError
 from nemoh.model.config import load_config
 from nemoh.model.ir import build_graph
+from nemoh.model.quant import read_quant_config
 from nemoh.runtime.backend import unsupported_reason
 from nemoh.runtime.registry import get_backend, optional_hint
 from nemoh.runtime.session import open_model
@@ -42,13 +43,13 @@ SCHEMA = "nemoh-conformance/2"
 
 
 def _resolve_model(model: str) -> Path:
-    from nemoh.model.presets import all_presets, resolve_model
+    from nemoh.model.presets import known_presets, resolve_model
 
     try:
         return resolve_model(model)
     except ModuleNotFoundError as e:  # generating a preset needs transformers (and tokenizers)
         hint = optional_hint(e.name)
-        what = f"preset '{model}' is not in the cache and cannot be generated" if model in all_presets() else \
+        what = f"preset '{model}' is not in the cache and cannot be generated" if model in known_presets() else \
             f"model '{model}' cannot be resolved"
         raise NemohError(f"{what} without the module '{e.name}'"
                          f"{f': {hint}' if hint else ''} (or pass a checkpoint directory)") from None
@@ -90,7 +91,8 @@ def run_conformance(model: str, backends: list[str], dtypes: list[str], suites: 
     instances = [(spec, get_backend(spec)) for spec in backends]  # unknown names fail before any work
     g32 = build_graph(config, "float32")
     graphs = {dtype: build_graph(config, dtype) for dtype in dtypes}
-    listed = [c for g in graphs.values() for s in chosen for c in s.cases(ShapeCtx(config, g, g.dtype))]
+    quant = read_quant_config(path)
+    listed = [c for g in graphs.values() for s in chosen for c in s.cases(ShapeCtx(config, g, g.dtype, quant))]
     mem = plan_memory(build_graph(config, "float64"), graphs, max(_tokens(c, config) for c in listed) if listed else 0,
                       oracle=oracle_mode, limit=memory_limit, hf_dtypes=tuple(dtypes))
     ref_opts: dict[str, Any] = {"oracle_mode": mem.oracle, "logits_cache": mem.parts["logits kept"],
@@ -123,7 +125,7 @@ def run_conformance(model: str, backends: list[str], dtypes: list[str], suites: 
     for spec, be in instances:
         for dtype in dtypes:
             graph = graphs[dtype]
-            shape = ShapeCtx(config, graph, dtype)
+            shape = ShapeCtx(config, graph, dtype, ref.quant)
             plan.append((spec, be, dtype, graph, [(s, c) for s in chosen for c in s.cases(shape)]))
     book = Book(report, json_path, [(spec, dtype, [c.id for _, c in cases]) for spec, _, dtype, _, cases in plan])
     book.write()
@@ -174,6 +176,7 @@ def run_conformance(model: str, backends: list[str], dtypes: list[str], suites: 
         if watchdog:
             watchdog.close()
         bar.close()
+        set_variant("")  # the model's tolerance variant (Reference) ends with its run
     report["memory"] = mem.to_json(sampler.stop())
     report["oracle"] = ref.oracle_summary()
     book.write(complete=True)

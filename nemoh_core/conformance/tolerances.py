@@ -181,12 +181,45 @@ TOLERANCES: dict[tuple[str, str], Tol] = {
     ("eval_parting_logit_gap", "float16"): Tol(
         6.0, "as bf16: fp16 rounds expert choices too (a log-likelihood moved by 1.06 above); measured <= 0.013 "
              "over 25 partings"),
+    # -- quantized activations (ModelOpt W8A8 / W4A4 checkpoints), dtype key "float32+actq" (issue 20) ------
+    #    Rounding an activation to e4m3 / e2m1 is discontinuous: where an fp32 executor's input to a quantized
+    #    linear (~1e-7 from the fp64 oracle's) straddles a rounding boundary, one value moves by a whole step,
+    #    and through the SSM state and later quantizers one such flip grows into a different rounding pattern
+    #    downstream (NMSE up to the quantization noise itself). The exact meaning is therefore judged at fp64,
+    #    where the torch executor matches the quantized oracle to <= 7e-16 (rel. max abs) on every quantized
+    #    preset and the plain fp64 rows apply; these rows replace the fp32 ones for such checkpoints and only
+    #    bound the cascade. Measured with `nemoh conformance --model PRESET --backend torch --json` on
+    #    tiny-moe-fp8, tiny-nano-30b-nvfp4 and tiny-wide-nvfp4 (docs/quantized-formats.md); ~5x margin.
+    **{(m, "float32+actq"): Tol(v, r) for m, v, r in (
+        ("logits_rel_max_abs", 0.1, "measured <= 0.016 vs the fp64 oracle (tiny-wide-nvfp4, T=165)"),
+        ("logits_nmse", 1e-4, "measured <= 1.2e-6 vs the fp64 oracle"),
+        ("logits_kl", 1e-4, "measured <= 4.6e-6 vs the fp64 oracle"),
+        ("logits_top1", 0.98, "measured 1.000 vs the fp64 oracle"),
+        ("equiv_rel_max_abs", 0.3, "a split or decode path takes other fp32 roundings into the quantizers; "
+                                   "measured <= 0.093 (logits and state)"),
+        ("equiv_nmse", 0.02, "measured <= 0.0044 (tiny-wide-nvfp4, split [3, 257])"),
+        ("equiv_top1", 0.85, "measured >= 0.942"),
+        ("layer_rel_rms", 0.05, "one layer in isolation on the executor's own input: single flips only"),
+        ("greedy_tie_margin", 0.2, "2x logits_rel_max_abs"),
+    )},
 }
+
+#: a suffix of the dtype key chosen for the whole run by the model under test ("actq": its activations are
+#: quantized, nemoh.model.quant); set by conformance.references.Reference, one model per process
+_VARIANT = {"key": ""}
+
+
+def set_variant(key: str) -> None:
+    """Judge with the `dtype+key` rows where the table has them (key "" restores the plain rows)."""
+    _VARIANT["key"] = key
 
 
 def tol(metric: str, dtype: str) -> float | None:
     """The tolerance, or None where the table does not judge this metric at this dtype."""
-    t = TOLERANCES.get((metric, dtype))
+    t = None
+    if _VARIANT["key"]:
+        t = TOLERANCES.get((metric, f"{dtype}+{_VARIANT['key']}"))
+    t = t or TOLERANCES.get((metric, dtype))
     return None if t is None else t.value
 
 

@@ -44,6 +44,7 @@ from nemoh.errors import NemohError, did_you_mean
 # Bump when the bytes written for a given preset and seed change (weights, tokenizer, file set):
 # it is part of the cache fingerprint, so stale cached checkpoints are not reused.
 GENERATOR_VERSION = 1
+QUANT_WRITER_VERSION = 1  # the same for the bytes of quantized presets (nemoh.model.quant_writer)
 
 VOCAB_SIZE = 512
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3 = pad, bos, eos, unk
@@ -307,8 +308,72 @@ def all_presets() -> dict[str, Preset]:
     return {**PRESETS, **release_presets()}
 
 
+# --------------------------------------------------------------------------------------------
+# Quantized presets: an unquantized preset's weights quantized the ModelOpt way (nemoh.model.quant_writer),
+# written in ModelOpt's unified HF layout. Not in all_presets() (the conformance matrix of every backend):
+# only executors that read quantized checkpoints run them.
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    name: str
+    description: str
+    base: str  # the unquantized preset
+    algo: str  # quant_algo: FP8 | NVFP4
+    exclude: tuple[str, ...]  # exclude_modules, as ModelOpt writes them
+    overrides: dict[str, Any] = field(default_factory=dict, hash=False)  # config keys changed in the original
+    shards: int = 1
+
+
+QUANT_SPECS: dict[str, QuantSpec] = {q.name: q for q in (
+    QuantSpec("tiny-moe-fp8", "tiny-moe in FP8 (W8A8, per-tensor scales), lm_head excluded", "tiny-moe", "FP8",
+              ("lm_head",)),
+    QuantSpec("tiny-nano-30b-nvfp4", "tiny-nano-30b in NVFP4 (W4A4), excluded as NVIDIA's Nano NVFP4 release: "
+              "lm_head, the attention layer and the Mamba layer before it", "tiny-nano-30b", "NVFP4",
+              ("lm_head", "backbone.layers.4.mixer.in_proj", "backbone.layers.4.mixer.out_proj",
+               "backbone.layers.5.mixer.*_proj"), shards=2),
+    QuantSpec("tiny-wide-nvfp4", "tiny-dense widened to rows of 256-512 (16-32 NVFP4 blocks a row), NVFP4 but "
+              "lm_head and the attention layer", "tiny-dense", "NVFP4", ("lm_head", "backbone.layers.3.mixer.*"),
+              {"hidden_size": 256, "intermediate_size": 512}),
+)}
+ORIGINAL_SUFFIX = ".original"  # the unquantized original of a quantized preset whose base config it overrides
+
+
+def _original(q: QuantSpec) -> Preset:
+    base = all_presets()[q.base]
+    if not q.overrides:
+        return base
+    return Preset(q.name + ORIGINAL_SUFFIX, f"{q.base} with {q.overrides}: the original of {q.name}",
+                  {**base.config, **q.overrides}, base.seed)
+
+
+def original_of(name: str) -> str | None:
+    """The preset a quantized preset was quantized from (its unquantized original), or None."""
+    q = QUANT_SPECS.get(name)
+    return None if q is None else _original(q).name
+
+
+@functools.lru_cache(maxsize=1)
+def quant_presets() -> dict[str, Preset]:
+    """The quantized presets, each with the config.json its checkpoint carries (quantization_config too)."""
+    out = {}
+    for q in QUANT_SPECS.values():
+        orig = _original(q)
+        qcfg = {"quant_method": "modelopt", "quant_algo": q.algo, "kv_cache_quant_algo": None,
+                "group_size": 16 if q.algo == "NVFP4" else None, "exclude_modules": list(q.exclude),
+                "producer": {"name": "nemoh", "version": "quant-writer-1"}}
+        out[q.name] = Preset(q.name, q.description, {**orig.config, "quantization_config": qcfg}, orig.seed)
+    return out
+
+
+def known_presets() -> dict[str, Preset]:
+    """Every preset a name resolves to: all_presets(), the quantized ones and their widened originals."""
+    extra = {o.name: o for o in (_original(q) for q in QUANT_SPECS.values()) if o.name.endswith(ORIGINAL_SUFFIX)}
+    return {**all_presets(), **quant_presets(), **extra}
+
+
 def get_preset(name: str) -> Preset:
-    presets = all_presets()
+    presets = known_presets()
     try:
         return presets[name]
     except KeyError:
@@ -355,6 +420,8 @@ def write_checkpoint(
     `max_shard_size` (e.g. "200KB") makes save_pretrained shard the weights, with
     `model.safetensors.index.json`. The same (name, seed) always gives the same bytes.
     """
+    if name in QUANT_SPECS:
+        return _write_quantized(name, out_dir)
     preset = get_preset(name)
     model = build_model(name, seed=seed)
     out = Path(out_dir)
@@ -373,6 +440,15 @@ def write_checkpoint(
     _write_json(out / "config.json", preset.config)
     write_tokenizer(out)
     return out
+
+
+def _write_quantized(name: str, out_dir) -> Path:
+    from nemoh.model.quant import parse_quant_config
+    from nemoh.model.quant_writer import write_quantized
+
+    q = QUANT_SPECS[name]
+    qc = parse_quant_config(quant_presets()[name].config["quantization_config"], f"preset {name}")
+    return write_quantized(cached_checkpoint(_original(q).name), out_dir, qc, shards=q.shards)
 
 
 @contextlib.contextmanager
@@ -467,6 +543,8 @@ def fingerprint(name: str, seed: int | None = None) -> str:
         "generator": GENERATOR_VERSION,
         "corpus": hashlib.sha256(corpus_text().encode()).hexdigest(),
     }
+    if name in QUANT_SPECS:  # the writer's version and sharding; unquantized fingerprints stay as they were
+        key["quant_writer"] = [QUANT_WRITER_VERSION, QUANT_SPECS[name].shards]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -502,10 +580,10 @@ def resolve_model(name_or_path: str) -> Path:
         return path
     if path.is_file() and path.name == "config.json":
         return path.parent
-    if name_or_path in all_presets():
+    if name_or_path in known_presets():
         return cached_checkpoint(name_or_path)
     raise NemohError(
-        did_you_mean("model or preset", name_or_path, all_presets())
+        did_you_mean("model or preset", name_or_path, {**all_presets(), **quant_presets()})
         + f" ('{name_or_path}' is neither a checkpoint directory nor a preset name.)"
     )
 

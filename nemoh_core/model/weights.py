@@ -23,6 +23,19 @@ from nemoh import dtypes
 from nemoh.errors import WeightsError
 from nemoh.model.config_checks import check_regular_file, read_json_file, show
 from nemoh.model.ir import Graph
+from nemoh.model.quant import AUX_SUFFIXES, SCALES, QuantConfig, act_key, aux_name, read_quant_config
+
+# how each quantized format stores its codes (safetensors dtype code) and the shape of a [out, in] weight
+QUANT_DTYPES = {"fp8": "F8_E4M3", "nvfp4": "U8"}
+SCALE_DTYPES = {"weight_scale": {"fp8": "F32", "nvfp4": "F8_E4M3"}, "weight_scale_2": {"nvfp4": "F32"},
+                "input_scale": {"fp8": "F32", "nvfp4": "F32"}, "k_scale": {"fp8": "F32", "nvfp4": "F32"},
+                "v_scale": {"fp8": "F32", "nvfp4": "F32"}}
+PER_TENSOR = ((), (1,))  # ModelOpt writes per-tensor scales as 0-d tensors; [1] is accepted too
+
+
+def _stored_shape(fmt: str | None, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The file shape of a weight of IR shape [..., out, in] stored in `fmt`."""
+    return (*shape[:-1], shape[-1] // 2) if fmt == "nvfp4" else shape
 
 # safetensors dtype codes nemoh reads (anything else, e.g. I32 or F8_E4M3, is refused)
 FLOAT_DTYPES = set(dtypes.FROM_SAFETENSORS)
@@ -105,6 +118,8 @@ class Checkpoint:
         self.notices: list[str] = []
         self.entries: dict[str, list[Entry]] = {}
         self._handles: dict[Path, object] = {}
+        #: scales of quantized linears, by aux_name(canonical weight, suffix)
+        self.aux: dict[str, list[Entry]] = {}
         index = self.dir / "model.safetensors.index.json"
         if not self.dir.is_dir():
             raise WeightsError(f"{self.dir}: not a checkpoint directory")
@@ -143,8 +158,18 @@ class Checkpoint:
                 if found[key] != f:
                     raise WeightsError(f"{index}: tensor '{key}' is listed in {f.name} but stored in "
                                        f"{found[key].name}")
+        self.quant: QuantConfig | None = read_quant_config(self.dir)
         ignored = 0
         for key, f in sorted(found.items()):
+            suffix = next((x for x in AUX_SUFFIXES if key.endswith("." + x)), None)
+            if suffix is not None:
+                name, action, expert = canonical_name(key[: -len(suffix) - 1] + ".weight")
+                if action in ("direct", "stack") and name is not None:
+                    if self.quant is None:
+                        raise WeightsError(f"{f}: tensor '{key}' is a quantization scale, but {self.dir} has no "
+                                           "hf_quant_config.json and config.json no quantization_config")
+                    self.aux.setdefault(aux_name(name, suffix), []).append(Entry(f, key, expert))
+                    continue
             name, action, expert = canonical_name(key)
             if action == "ignore":
                 ignored += 1
@@ -154,6 +179,9 @@ class Checkpoint:
             self.entries.setdefault(name, []).append(Entry(f, key, expert))
         if ignored:
             self.notices.append(f"ignored {ignored} mtp.* tensors (the speculative multi-token head)")
+        if self.quant is not None and self.quant.kv_cache_algo is not None:
+            self.notices.append(f"kv_cache_quant_algo {self.quant.kv_cache_algo} is read (k_scale/v_scale validated) "
+                                "but not applied: the KV cache stays at the compute dtype (docs/quantized-formats.md)")
 
     def _handle(self, f: Path):
         if f not in self._handles:
@@ -169,9 +197,91 @@ class Checkpoint:
     def file_shape(self, e: Entry) -> tuple[int, ...]:
         return tuple(self._handle(e.file).get_slice(e.key).get_shape())
 
+    def quant_formats_by_name(self) -> dict[str, str]:
+        """formats() from the file's own tensors (stacked experts counted from their entries)."""
+        if self.quant is None:
+            return {}
+        out = {}
+        for name, entries in self.entries.items():
+            fmt = self.quant.format_of(name, len(entries) if entries[0].expert is not None else None)
+            if fmt is not None:
+                out[name] = fmt
+        return out
+
+    def formats(self, graph: Graph) -> dict[str, str]:
+        """Canonical weight name -> 'fp8' / 'nvfp4' for each linear the quantization config quantizes."""
+        if self.quant is None:
+            return {}
+        out = {}
+        for t in graph.params:
+            fmt = self.quant.format_of(t.name, t.shape[0] if t.name.endswith(("experts.up_proj",
+                                                                               "experts.down_proj")) else None)
+            if fmt is not None:
+                out[t.name] = fmt
+        return out
+
+    def _dtype(self, e: Entry) -> str:
+        return self._handle(e.file).get_slice(e.key).get_dtype()
+
+    def _validate_quant(self, graph: Graph, formats: dict[str, str]) -> None:
+        """Each quantized linear has every scale its format needs, with the right shape and dtype, and no
+        scale belongs to anything else."""
+        specs = {t.name: t for t in graph.params}
+        for aname, found in self.aux.items():
+            weight, suffix = aname.rsplit(":", 1)
+            fmt = formats.get(weight)
+            kv = suffix in ("k_scale", "v_scale")
+            ok = (fmt is not None and suffix in dict(SCALES[fmt])) or (
+                kv and self.quant is not None and self.quant.kv_cache_algo is not None
+                and weight.endswith(f"mixer.{suffix[0]}_proj.weight"))
+            if not ok:
+                e = found[0]
+                why = (f"'{weight}' is not quantized (excluded or not a linear)" if fmt is None and not kv else
+                       f"{fmt or 'kv cache'} has no {suffix}")
+                raise WeightsError(f"{e.file}: unexpected tensor '{e.key}' ({why})")
+        for name, fmt in formats.items():
+            spec = specs[name]
+            stacked = self.entries[name][0].expert is not None
+            rows = spec.shape[1:] if stacked else spec.shape  # [out, in]
+            if fmt == "nvfp4" and rows[-1] % 16:
+                raise WeightsError(f"{self.entries[name][0].file}: tensor '{self.entries[name][0].key}': NVFP4 "
+                                   f"needs in_features divisible by 16, the config gives {rows[-1]}")
+            want = {"weight_scale": ((rows[0], rows[1] // 16),) if fmt == "nvfp4" else PER_TENSOR,
+                    "weight_scale_2": PER_TENSOR, "input_scale": PER_TENSOR}
+            have_input = None
+            for suffix, required in SCALES[fmt]:
+                entries = self.aux.get(aux_name(name, suffix), [])
+                if not entries:
+                    if required:
+                        e = self.entries[name][0]
+                        raise WeightsError(f"{e.file}: tensor '{e.key}' is {fmt.upper()} but its "
+                                           f"'{e.key.removesuffix('.weight')}.{suffix}' is missing")
+                    have_input = False if suffix == "input_scale" else have_input
+                    continue
+                if stacked:
+                    have = sorted(e.expert for e in entries if e.expert is not None)
+                    if have != list(range(spec.shape[0])):
+                        missing = sorted(set(range(spec.shape[0])) - set(have))
+                        raise WeightsError(f"{entries[0].file}: tensor '{name}' ({fmt.upper()}): {suffix} of experts "
+                                           f"{missing[:8]} missing")
+                for e in entries:
+                    shape, dt = self.file_shape(e), self._dtype(e)
+                    if shape not in want[suffix]:
+                        raise WeightsError(f"{e.file}: tensor '{e.key}' has shape {list(shape)}, expected "
+                                           f"{list(want[suffix][0])}")
+                    if dt != SCALE_DTYPES[suffix][fmt]:
+                        raise WeightsError(f"{e.file}: tensor '{e.key}' is stored as {dt}, expected "
+                                           f"{SCALE_DTYPES[suffix][fmt]}")
+        for aname, found in self.aux.items():  # the FP8 KV cache's scales
+            if aname.endswith((":k_scale", ":v_scale")):
+                for e in found:
+                    if self.file_shape(e) not in PER_TENSOR or self._dtype(e) != "F32":
+                        raise WeightsError(f"{e.file}: tensor '{e.key}' must be an F32 per-tensor scale")
+
     def validate(self, graph: Graph) -> None:
         """Every tensor the graph reads is present with the right shape, and nothing else is."""
         expected = {t.name: t for t in graph.params}
+        formats = self.formats(graph)
         for name, found in self.entries.items():
             if name not in expected:
                 e = found[0]
@@ -196,23 +306,39 @@ class Checkpoint:
                     what = f"missing experts {missing[:8]}" if missing else f"expert indices {have[-1]} out of range"
                     raise WeightsError(f"{entries[0].file}: tensor '{name}': {what} (config says {E} experts)")
                 for e in entries:
-                    if self.file_shape(e) != spec.shape[1:]:
+                    want = _stored_shape(formats.get(name), spec.shape[1:])
+                    if self.file_shape(e) != want:
                         raise WeightsError(f"{e.file}: tensor '{e.key}' has shape {list(self.file_shape(e))}, "
-                                           f"expected {list(spec.shape[1:])}")
+                                           f"expected {list(want)}")
             else:
                 if len(entries) > 1:
                     raise WeightsError(f"{self.dir}: tensor '{name}' appears twice "
                                        f"({entries[0].key}, {entries[1].key})")
                 shape = self.file_shape(entries[0])
-                if shape != spec.shape:
+                want = _stored_shape(formats.get(name), spec.shape)
+                if shape != want:
                     raise WeightsError(f"{entries[0].file}: tensor '{entries[0].key}' has shape {list(shape)}, "
-                                       f"expected {list(spec.shape)}")
+                                       f"expected {list(want)}")
+            fmt = formats.get(name)
             for e in entries:
-                dt = self._handle(e.file).get_slice(e.key).get_dtype()
+                dt = self._dtype(e)
+                if fmt is not None:
+                    if dt != QUANT_DTYPES[fmt]:
+                        raise WeightsError(f"{e.file}: tensor '{e.key}' is stored as {dt}, expected "
+                                           f"{QUANT_DTYPES[fmt]} ({fmt.upper()} per {self.quant_source()})")
+                    continue
+                if dt in QUANT_DTYPES.values() or dt.startswith("F8"):
+                    why = ("the checkpoint declares no quantization" if self.quant is None else
+                           f"{self.quant_source()} leaves it unquantized (exclude_modules, or not a linear)")
+                    raise WeightsError(f"{e.file}: tensor '{e.key}' is stored as {dt}, but {why}")
                 if dt not in FLOAT_DTYPES:
                     raise WeightsError(f"{e.file}: tensor '{e.key}' is stored as {dt}, expected a floating-point "
                                        f"dtype ({', '.join(sorted(FLOAT_DTYPES))}); quantized checkpoints are "
                                        "not supported")
+        self._validate_quant(graph, formats)
+
+    def quant_source(self) -> str:
+        return self.quant.source if self.quant is not None else "(no quantization config)"
 
     def read(self, name: str) -> torch.Tensor:
         """The canonical tensor exactly as stored (experts stacked), without a cast.
@@ -226,29 +352,84 @@ class Checkpoint:
             return self._read(entries[0])
         return torch.stack([self._read(e) for e in sorted(entries, key=_expert_of)])
 
+    def read_aux(self, name: str, suffix: str) -> torch.Tensor | None:
+        """A quantized linear's scale as stored (experts stacked: per-tensor scales become [E]), or None."""
+        entries = self.aux.get(aux_name(name, suffix))
+        if not entries:
+            return None
+        if entries[0].expert is None:
+            return self._read(entries[0])
+        parts = [self._read(e) for e in sorted(entries, key=_expert_of)]
+        return torch.stack([t.reshape(()) if suffix != "weight_scale" or t.dim() < 2 else t for t in parts])
+
+    def stored(self, graph: Graph) -> dict[str, torch.Tensor]:
+        """Every tensor of a quantized linear exactly as stored (codes and scales), by canonical name and
+        aux_name; empty for an unquantized checkpoint."""
+        out = {}
+        for name in self.formats(graph):
+            out[name] = self.read(name)
+            for suffix in AUX_SUFFIXES:
+                t = self.read_aux(name, suffix)
+                if t is not None:
+                    out[aux_name(name, suffix)] = t
+        return out
+
+    def dequantized(self, name: str, fmt: str) -> torch.Tensor:
+        """Quantized weight `name` dequantized exactly, in fp64 (nemoh.oracle.ops)."""
+        from nemoh.oracle.ops import dequant_fp8, dequant_nvfp4
+
+        w, s = self.read(name), self.read_aux(name, "weight_scale")
+        assert s is not None  # validate() requires it
+        if fmt == "fp8":
+            return dequant_fp8(w, s)
+        s2 = self.read_aux(name, "weight_scale_2")
+        assert s2 is not None
+        return dequant_nvfp4(w, s, s2)
+
     def load(self, graph: Graph, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         """Validated tensors cast to the graph's storage dtypes (fp32 ones stay fp32).
 
+        Quantized linears come dequantized (exactly, in fp64, then cast), and each one whose activations
+        are quantized adds its input scale under `act_key(weight, format)`.
         Always copies: `read` returns views of the memory-mapped file, and a caller that changes a
         loaded tensor in place must not change what `read`/`mismatches` see as the file.
         """
         self.validate(graph)
         specs = {t.name: t for t in graph.params}
+        formats = self.formats(graph)
         out = {}
         for name in names if names is not None else specs:
-            t = self.read(name)
+            fmt = formats.get(name)
+            t = self.read(name) if fmt is None else self.dequantized(name, fmt)
             out[name] = t.to(dtypes.torch_dtype(specs[name].dtype), copy=True)
+            inp = self.read_aux(name, "input_scale") if fmt is not None else None
+            if inp is not None and fmt is not None:
+                out[act_key(name, fmt)] = inp.to(torch.float32, copy=True)
         return out
 
     def mismatches(self, loaded: dict[str, torch.Tensor]) -> list[str]:
         """Names whose loaded tensor is not bit-equal to the file's tensor cast to the loaded dtype."""
         bad = []
+        formats = {n: f for n, f in self.quant_formats_by_name().items() if n in loaded}
         for name, t in loaded.items():
-            ref = self.read(name).to(t.dtype)
+            ref = (self.read(name) if name not in formats else self.dequantized(name, formats[name])).to(t.dtype)
             t = t.detach().to("cpu")
             if ref.shape != t.shape or not torch.equal(bit_pattern(ref), bit_pattern(t)):
                 bad.append(name)
         return bad
+
+
+def stored_mismatches(checkpoint: Checkpoint, graph: Graph, read) -> tuple[int, list[str]]:
+    """(count, names not bit-equal): a quantized checkpoint's stored codes and scales (Checkpoint.stored) against
+    what `read(name)` returns (a backend's read_stored)."""
+    ref = checkpoint.stored(graph)
+    bad = []
+    for name, t in ref.items():
+        held = read(name).detach().cpu()
+        if held.shape != t.shape or held.dtype != t.dtype or not torch.equal(
+                held.reshape(-1).view(torch.uint8), t.contiguous().reshape(-1).view(torch.uint8)):
+            bad.append(name)
+    return len(ref), bad
 
 
 def bit_pattern(t: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,10 @@ import torch
 
 from nemoh.model.ir import Graph, Op
 from nemoh.oracle import ops
+from nemoh.model.quant import act_quant_of
 from nemoh.oracle.ops import (
+    DEFAULT_QUANT,
+    QuantOptions,
     attention,
     causal_conv1d,
     embedding,
@@ -22,6 +25,7 @@ from nemoh.oracle.ops import (
     linear_by_rows,
     moe_experts,
     moe_router,
+    quant_act,
     relu2,
     rmsnorm,
     ssd_chunked,
@@ -39,13 +43,16 @@ class OracleState:
 
 def run(graph: Graph, params: Mapping[str, torch.Tensor], ids: torch.Tensor, *, mask: torch.Tensor | None = None,
         state: OracleState | None = None, ssd: str = "chunked", trace: dict | None = None,
-        dt_clamp_min: float | None = None) -> torch.Tensor:
+        dt_clamp_min: float | None = None, qopts: QuantOptions = DEFAULT_QUANT) -> torch.Tensor:
     """Logits [B, T, V] for `ids` [B, T], continuing `state` (updated in place) if given.
 
     `mask` [B, T] marks real tokens (1) and left padding (0). Pad positions are zeroed before
     in_proj, before the conv and before the scan. `trace`, if a dict, receives each op's first
     output under the op's name and the residual stream after each layer under `layers.{i}`.
     `dt_clamp_min` overrides the lower dt clamp (to reproduce a reference quirk, nothing else).
+    A quantized checkpoint's params (Checkpoint.load) hold its linears dequantized and, for each linear whose
+    activations are quantized, the input scale under nemoh.model.quant.act_key: the input is then
+    quantized (nemoh.oracle.ops.quant_act, choices in `qopts`) before the product.
     """
     state = state if state is not None else OracleState()
     Bsz, T = ids.shape
@@ -53,14 +60,15 @@ def run(graph: Graph, params: Mapping[str, torch.Tensor], ids: torch.Tensor, *, 
     key_mask = m if state.mask is None else torch.cat([state.mask.bool(), m], dim=1)
     vals: dict[str, torch.Tensor] = {"ids": ids}
     for block in graph.blocks:
-        vals = run_block(block, vals, params, state, m, key_mask, ssd=ssd, trace=trace, dt_clamp_min=dt_clamp_min)
+        vals = run_block(block, vals, params, state, m, key_mask, ssd=ssd, trace=trace, dt_clamp_min=dt_clamp_min,
+                         qopts=qopts)
     state.mask = key_mask
     return vals["logits"]
 
 
 def run_block(block, vals: dict[str, torch.Tensor], params: Mapping[str, torch.Tensor], state: OracleState,
               mask: torch.Tensor, key_mask: torch.Tensor, *, ssd: str = "chunked", trace: dict | None = None,
-              dt_clamp_min: float | None = None) -> dict[str, torch.Tensor]:
+              dt_clamp_min: float | None = None, qopts: QuantOptions = DEFAULT_QUANT) -> dict[str, torch.Tensor]:
     """Run one block's ops on `vals` (its input values, e.g. {"x": ...}); returns all values after it.
 
     mask [B, T] marks the new tokens' real positions, key_mask [B, S+T] every cached and new one.
@@ -71,7 +79,8 @@ def run_block(block, vals: dict[str, torch.Tensor], params: Mapping[str, torch.T
     for op in block.ops:
         ins = [vals[n] for n in op.inputs]
         ps = [params[n] for n in op.params]
-        outs = _apply(op, ins, ps, state, pad, key_mask, ssd, dt_clamp_min)
+        aq = [act_quant_of(params, n) for n in op.params] if op.kind in ("linear", "moe_experts") else []
+        outs = _apply(op, ins, ps, state, pad, key_mask, ssd, dt_clamp_min, aq, qopts)
         for name, v in zip(op.outputs, outs):
             vals[name] = v
         if trace is not None:
@@ -81,7 +90,8 @@ def run_block(block, vals: dict[str, torch.Tensor], params: Mapping[str, torch.T
     return vals
 
 
-def _apply(op: Op, ins, ps, state: OracleState, pad_mask, key_mask, ssd, dt_clamp_min):
+def _apply(op: Op, ins, ps, state: OracleState, pad_mask, key_mask, ssd, dt_clamp_min, aq=(),
+           qopts: QuantOptions = DEFAULT_QUANT):
     a, k = op.a, op.kind
     if k == "embedding":
         return [embedding(ins[0], ps[0])]
@@ -91,6 +101,8 @@ def _apply(op: Op, ins, ps, state: OracleState, pad_mask, key_mask, ssd, dt_clam
         x = ins[0]
         if pad_mask is not None and a.get("zero_padding"):
             x = x * pad_mask[..., None].to(x.dtype)
+        if aq and aq[0] is not None:
+            x = quant_act(x, aq[0][0], aq[0][1], qopts)
         if op.outputs == ("logits",):  # the LM head: by row slices, so that a streamed one is bit-equal
             return [linear_by_rows(x, ps[0], ops.HEAD_ROWS)]
         return [linear(x, *ps)]
@@ -145,5 +157,8 @@ def _apply(op: Op, ins, ps, state: OracleState, pad_mask, key_mask, ssd, dt_clam
         return [w, idx]
     if k == "moe_experts":
         x, w, idx = ins
-        return [moe_experts(x.reshape(-1, x.shape[-1]), w, idx, *ps).view(x.shape)]
+        act = None
+        if aq and aq[0] is not None and aq[1] is not None:
+            act = (aq[0][0], aq[0][1], aq[1][1], qopts)
+        return [moe_experts(x.reshape(-1, x.shape[-1]), w, idx, ps[0], ps[1], act=act).view(x.shape)]
     raise NotImplementedError(f"oracle has no op kind {k!r} ({op.name})")

@@ -12,6 +12,8 @@ L expert input size (latent or D), I expert hidden size, M tokens flattened (B*T
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -214,16 +216,151 @@ def moe_router(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, top
 
 
 def moe_experts(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, up: torch.Tensor,
-                down: torch.Tensor) -> torch.Tensor:
+                down: torch.Tensor, act=None) -> torch.Tensor:
     """x [M, L], w [M, k], idx [M, k], up [E, I, L], down [E, L, I] -> [M, L].
 
     out_m = sum_j w[m, j] * down[e] relu2(up[e] x_m), e = idx[m, j]. Each expert runs at the
     model dtype; the weighted sum accumulates in fp32 (fp64 for fp64) and is cast back.
+    `act` = (format, up input scales [E], down input scales [E], QuantOptions) quantizes each expert's two
+    inputs with that expert's own input scale (a quantized checkpoint's experts).
     """
     a = dtypes.acc(x.dtype)
     out = torch.zeros(x.shape, dtype=a, device=x.device)
     for m in range(x.shape[0]):
         for j in range(idx.shape[1]):
             e = int(idx[m, j])
-            out[m] += w[m, j].to(a) * (down[e] @ relu2(up[e] @ x[m])).to(a)
+            xm = x[m] if act is None else quant_act(x[m], act[0], act[1][e], act[3])
+            h = relu2(up[e] @ xm)
+            h = h if act is None else quant_act(h, act[0], act[2][e], act[3])
+            out[m] += w[m, j].to(a) * (down[e] @ h).to(a)
     return out.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantized linears: ModelOpt's FP8 and NVFP4 (nemoh.model.quant reads them; docs/quantized-formats.md)
+#
+# Sources: ModelOpt's NVFP4QTensor (modelopt/torch/quantization/qtensor/nvfp4_tensor.py: the e2m1 table,
+# `packed = (q[..., 1::2] << 4) | q[..., 0::2]`, block scales = block amax / (6 * weight_scale_2) cast to
+# e4m3, weight_scale_2 = amax / (6 * 448), rounding of `_cast_fp4` half-to-even with saturation at 6) and
+# vLLM's NVFP4 activation reference (per 16-element block of a row: scale = global * amax / 6 cast to e4m3,
+# values x * global / scale clamped to +-6 and rounded to e2m1; global = 1 / input_scale).
+# Everything here computes in fp64, where each step is exact but the two roundings it names.
+# ----------------------------------------------------------------------------------------------
+
+#: e2m1 magnitudes of codes 0..7; bit 3 is the sign (code 8 is -0)
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+E4M3_MAX = 448.0
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """The choices the sources leave open, with nemoh's defaults (docs/quantized-formats.md measures each).
+
+    nibble_order   'low_first': element 2j is the byte's low nibble (ModelOpt's packing), or 'high_first'.
+    scale_rounding 'nearest': an activation block scale rounds to the nearest e4m3 value, ties to even
+                   (torch's cast, PTX cvt.rn); 'up': to the next e4m3 value at or above (never clips).
+    scale_overflow 'saturate': a block scale above 448 (a block larger than the calibration amax) becomes
+                   448 and the block's values clip at +-6; 'inf': it is kept unrounded (no clipping).
+    value_rounding 'even': e2m1 rounding ties to even (ModelOpt's _cast_fp4); 'away': ties away from zero.
+    act_quant      False: activations stay unquantized (weight-only reading of a W4A4/W8A8 checkpoint).
+    """
+
+    nibble_order: str = "low_first"
+    scale_rounding: str = "nearest"
+    scale_overflow: str = "saturate"
+    value_rounding: str = "even"
+    act_quant: bool = True
+
+
+DEFAULT_QUANT = QuantOptions()
+
+
+def round_e4m3(v: torch.Tensor, *, mode: str = "nearest", saturate: bool = True) -> torch.Tensor:
+    """fp64 [...] -> the nearest float8_e4m3fn value (fp64), ties to even; beyond +-448: +-448 if `saturate`.
+
+    e4m3fn: 3 mantissa bits, exponents -6..8, subnormals down to 2^-9, no infinity. `mode='up'` rounds
+    the magnitude up instead (to the next representable value at or above it).
+    """
+    a = v.abs().to(torch.float64)
+    e = torch.floor(torch.log2(a.clamp(min=2.0 ** -6)))  # subnormals share the quantum of exponent -6
+    q = torch.exp2(e - 3)  # spacing of e4m3 values in [2^e, 2^(e+1))
+    r = (torch.ceil(a / q) if mode == "up" else torch.round(a / q)) * q  # torch.round: half to even
+    if saturate:
+        r = r.clamp(max=E4M3_MAX)
+    return torch.copysign(r, v.to(torch.float64))
+
+
+def round_e2m1(v: torch.Tensor, *, ties: str = "even") -> torch.Tensor:
+    """fp64 [...] -> the nearest e2m1 value (fp64) with saturation at +-6; ties to even (ModelOpt's
+    `_cast_fp4`: 0.25 -> 0, 0.75 -> 1, 2.5 -> 2, 5 -> 4) or away from zero."""
+    a = v.abs().to(torch.float64).clamp(max=6.0)
+    q = torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0))  # spacing of e2m1 values at a
+    r = (torch.round(a / q) if ties == "even" else torch.floor(a / q + 0.5)) * q
+    return torch.copysign(r, v.to(torch.float64))
+
+
+def unpack_e2m1(packed: torch.Tensor, nibble_order: str = "low_first") -> torch.Tensor:
+    """uint8 [..., n/2] -> e2m1 codes int64 [..., n]: two codes a byte, element 2j in the low nibble."""
+    p = packed.to(torch.int64)
+    lo, hi = p & 0x0F, p >> 4
+    first, second = (lo, hi) if nibble_order == "low_first" else (hi, lo)
+    return torch.stack([first, second], dim=-1).flatten(-2)
+
+
+def decode_e2m1(codes: torch.Tensor) -> torch.Tensor:
+    """e2m1 codes [...] (0..15) -> fp64 values: E2M1[code & 7], negated when bit 3 is set."""
+    mag = torch.tensor(E2M1, dtype=torch.float64, device=codes.device)[codes & 7]
+    return torch.where(codes >= 8, -mag, mag)
+
+
+def dequant_fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """FP8 weight: w float8_e4m3fn [..., out, in], scale fp32 per tensor ([] or [E] for stacked experts)
+    -> fp64 [..., out, in] = w * scale. Exact in fp64 (4 + 24 significant bits)."""
+    s = scale.to(torch.float64).reshape(*scale.shape, *([1] * (w.dim() - scale.dim())))
+    return w.to(torch.float64) * s
+
+
+def dequant_nvfp4(packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor, *,
+                  group: int = 16, nibble_order: str = "low_first") -> torch.Tensor:
+    """NVFP4 weight -> fp64 [..., out, in] = e2m1(code) * block_scale[block] * global_scale.
+
+    packed uint8 [..., out, in/2] (element 2j in the low nibble of byte j), block_scale float8_e4m3fn
+    [..., out, in/group] (block b covers elements b*group .. b*group+group-1 of its row), global_scale
+    (weight_scale_2) fp32 [] or [E]. Exact in fp64 (2 + 4 + 24 significant bits).
+    """
+    v = decode_e2m1(unpack_e2m1(packed, nibble_order))  # [..., out, in]
+    blocks = v.unflatten(-1, (-1, group)) * block_scale.to(torch.float64)[..., None]  # [..., out, in/g, g]
+    g = global_scale.to(torch.float64).reshape(*global_scale.shape, *([1] * (v.dim() - global_scale.dim())))
+    return blocks.flatten(-2) * g
+
+
+def quant_act_fp8(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
+    """FP8 static activation quantization, dequantized: x [..., K] -> e4m3(x / input_scale) * input_scale
+    (round to nearest even, saturating at +-448), fp64."""
+    s = input_scale.to(torch.float64)
+    return round_e4m3(x.to(torch.float64) / s) * s
+
+
+def quant_act_nvfp4(x: torch.Tensor, input_scale: torch.Tensor, *, group: int = 16,
+                    opts: QuantOptions = DEFAULT_QUANT) -> torch.Tensor:
+    """NVFP4 activation quantization (W4A4), dequantized: x [..., K] -> fp64 [..., K].
+
+    Per block of `group` consecutive elements of a row, with the global scale g = 1 / input_scale:
+        s = e4m3(g * amax(|block|) / 6)            the block scale (rounded per opts.scale_rounding)
+        y = e2m1(clamp(x * g / s, -6, 6))           each value (zero where s == 0)
+        x_hat = y * s / g
+    """
+    g = 1.0 / input_scale.to(torch.float64)
+    xb = x.to(torch.float64).unflatten(-1, (-1, group))  # [..., K/g, g]
+    s = round_e4m3(g * xb.abs().amax(-1, keepdim=True) / 6.0, mode=opts.scale_rounding,
+                   saturate=opts.scale_overflow == "saturate")
+    y = round_e2m1(torch.where(s > 0, xb * g / torch.where(s > 0, s, 1.0), 0.0), ties=opts.value_rounding)
+    return (y * s / g).flatten(-2)
+
+
+def quant_act(x: torch.Tensor, fmt: str, input_scale: torch.Tensor, opts: QuantOptions = DEFAULT_QUANT):
+    """The activation quantizer of format `fmt` ('fp8' or 'nvfp4'), at x's dtype; identity if turned off."""
+    if not opts.act_quant:
+        return x
+    y = quant_act_fp8(x, input_scale) if fmt == "fp8" else quant_act_nvfp4(x, input_scale, opts=opts)
+    return y.to(x.dtype)

@@ -24,6 +24,7 @@ import torch
 
 from nemoh import dtypes
 from nemoh.model.ir import Graph
+from nemoh.model.quant import act_key, aux_name
 from nemoh.model.weights import Checkpoint
 
 class RowGather:
@@ -56,8 +57,14 @@ class StreamedParams(Mapping[str, torch.Tensor]):
         ckpt.validate(graph)
         self.ckpt, self.graph = ckpt, graph
         self.specs = {t.name: t for t in graph.params}
-        self.block_of = {t.name: b.index if b.kind not in ("embed", "head") else b.kind
-                         for b in graph.blocks for t in b.params}
+        self.block_of: dict[str, object] = {t.name: b.index if b.kind not in ("embed", "head") else b.kind
+                                            for b in graph.blocks for t in b.params}
+        # a quantized checkpoint (ModelOpt): its linears come dequantized, and the input scale of each one whose
+        # activations are quantized is served under act_key(weight, format), as Checkpoint.load gives them
+        self.formats = ckpt.formats(graph)
+        self.act_keys = {act_key(n, f): n for n, f in self.formats.items()
+                         if ckpt.aux.get(aux_name(n, "input_scale"))}
+        self.block_of.update({k: self.block_of[n] for k, n in self.act_keys.items()})
         self.embedding = graph.embed.ops[0].params[0]
         self.head = graph.head.ops[-1].params[0]
         self._block: object = None
@@ -74,20 +81,29 @@ class StreamedParams(Mapping[str, torch.Tensor]):
         self.calls += 1
 
     def __getitem__(self, name: str):  # a tensor, or a row-wise stand-in for one (the embedding, the head)
-        if name not in self.specs:
+        if name not in self.block_of:
             raise KeyError(name)
+        if name in self.act_keys:
+            scale = self.ckpt.read_aux(self.act_keys[name], "input_scale")
+            assert scale is not None  # act_keys lists only linears that have one
+            return scale.to(torch.float32, copy=True)
         dtype = dtypes.torch_dtype(self.specs[name].dtype)
         block = self.block_of[name]
         if block != self._block:
             self._held.clear()  # the previous block is done: its tensors go before this one's come
             self._lap()
             self._block = block
+        fmt = self.formats.get(name)
+        if fmt is not None:  # dequantized exactly in fp64 (one tensor at a time), then cast
+            stored = self.ckpt.dequantized(name, fmt)
+        else:
+            stored = self.ckpt.read(name)
         if name == self.embedding:
-            return RowGather(self.ckpt.read(name), dtype)
+            return RowGather(stored, dtype)
         if name == self.head:
-            return RowSlices(self.ckpt.read(name), dtype)
+            return RowSlices(stored, dtype)
         if name not in self._held:
-            self._held[name] = self.ckpt.read(name).to(dtype, copy=True)
+            self._held[name] = stored.to(dtype, copy=True)
             self.peak_bytes = max(self.peak_bytes, sum(t.numel() * t.element_size() for t in self._held.values()))
         return self._held[name]
 
@@ -106,7 +122,7 @@ class StreamedParams(Mapping[str, torch.Tensor]):
         self._block = None
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.specs)
+        return iter(self.block_of)
 
     def __len__(self) -> int:
-        return len(self.specs)
+        return len(self.block_of)

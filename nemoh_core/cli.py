@@ -31,6 +31,7 @@ def _config_for(model: str):
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from nemoh.model.ir import build_graph
+    from nemoh.model.quant_summary import quant_summary
 
     config = _config_for(args.model)
     g = build_graph(config, args.dtype)
@@ -58,7 +59,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                   "attention_heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
                   "attention_head_dim": config.head_dim, "chunk_size": config.chunk_size,
                   "vocab_size": config.vocab_size},
-        "quantization": _quant_summary(args.model, g),
+        "quantization": quant_summary(args.model, g),
     }
     if args.json:
         print(json.dumps(summary, indent=1))
@@ -97,45 +98,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quant_summary(model: str, g) -> dict | None:
-    """What `inspect` says about a quantized checkpoint (None for an unquantized one): algorithm, group size,
-    exclude_modules, KV-cache format, which linears stay unquantized and the bytes per parameter."""
-    import re
-
-    from nemoh import dtypes as dt
-    from nemoh.model.presets import known_presets
-    from nemoh.model.quant import QUANTIZABLE, quant_config_of, read_quant_config, stored_bytes
-
-    p = Path(model)
-    if p.exists():
-        qc = read_quant_config(p if p.is_dir() else p.parent)
-    elif model in known_presets():
-        qc = quant_config_of(known_presets()[model].config, f"preset {model}")
-    else:
-        qc = None
-    if qc is None:
-        return None
-    fdt = g.config.torch_dtype
-    size = dt.ITEMSIZE.get(fdt, 2)
-    total = qbytes = qparams = 0.0
-    quantized, kept = [], []
-    for t in g.params:
-        stacked = bool(re.search(r"experts\.(up|down)_proj$", t.name))
-        fmt = qc.format_of(t.name, t.shape[0] if stacked else None)
-        if fmt is None:
-            total += t.numel * (4 if t.dtype == "float32" and t.buffer else size)
-            if QUANTIZABLE.fullmatch(t.name):
-                kept.append(t.name)
-            continue
-        b = stored_bytes(fmt, t.numel, t.shape[0] if stacked else 1)
-        total, qbytes, qparams = total + b, qbytes + b, qparams + t.numel
-        quantized.append(t.name)
-    n = sum(t.numel for t in g.params)
-    return {**qc.summary(), "quantized_linears": len(quantized), "quantized_params": int(qparams),
-            "quantized_bytes_per_param": qbytes / qparams if qparams else 0.0, "bytes_per_param": total / n,
-            "float_dtype": fdt, "unquantized_linears": kept}
-
-
 def cmd_make_model(args: argparse.Namespace) -> int:
     from nemoh.bench.models import BENCH_PRESETS
 
@@ -148,27 +110,12 @@ def cmd_make_model(args: argparse.Namespace) -> int:
         out = write_checkpoint(args.preset, args.out, seed=args.seed, max_shard_size=args.max_shard_size)
         print(f"wrote {args.preset} to {out}")
         return 0
-    from nemoh.model.config_checks import read_json_file
-    from nemoh.model.realsize import truncate_layers, write_random_checkpoint
+    from nemoh.model.realsize import write_real_size
 
-    if args.config is not None:
-        config, what = read_json_file(args.config, "config.json"), str(args.config)
-    else:
-        config, what = dict(BENCH_PRESETS[args.preset].config), f"bench preset {args.preset}"
-    if args.num_layers is not None:
-        config = truncate_layers(config, args.num_layers)
-    from nemoh.model.realsize import SHARD_BYTES
-
-    out = write_random_checkpoint(config, args.out, seed=args.seed or 0, dtype=args.dtype,
-                                  shard_bytes=_size(args.max_shard_size) if args.max_shard_size else SHARD_BYTES)
+    what, out = write_real_size(args.config, args.preset, args.out, seed=args.seed or 0, dtype=args.dtype,
+                                num_layers=args.num_layers, max_shard_size=args.max_shard_size)
     print(f"wrote {what} with random weights to {out}")
     return 0
-
-
-def _size(text: str) -> int:
-    from nemoh.conformance.memory import parse_size
-
-    return parse_size(text)
 
 
 def cmd_presets(args: argparse.Namespace) -> int:

@@ -5,7 +5,8 @@ Bench presets are configs only. Their weights are generated where they run (on t
 runs), deterministically from (seed, tensor name), and handed to the backend through
 `RandomWeights`, an in-memory stand-in for `nemoh.model.weights.Checkpoint`: it has the methods a
 backend's `load(graph, checkpoint, device=)` calls (`load(graph)`, `read(name)`, `validate`,
-`mismatches`, `notices`), so no checkpoint is written and the backend protocol is unchanged.
+`mismatches`, `notices`, and `formats`/`stored`, empty: random weights are never quantized), so no
+checkpoint is written and the backend protocol is unchanged.
 `load` returns a lazy mapping that makes each tensor when it is read, so the weights exist once
 (in the backend), never twice. On a GPU run the tensors are made on that device: a backend that
 moves them with `.to(device)` (the PyTorch executor) takes them without a copy.
@@ -165,6 +166,14 @@ class RandomWeights:
     def load(self, graph: Graph, names=None) -> Mapping[str, torch.Tensor]:
         self.validate(graph)
         return _LazyTensors(self, list(names) if names is not None else list(self.specs))
+
+    def formats(self, graph: Graph) -> dict[str, str]:
+        """Quantized linears: none (random weights are never quantized; Checkpoint.formats' interface)."""
+        return {}
+
+    def stored(self, graph: Graph) -> dict[str, torch.Tensor]:
+        """A quantized linear's stored codes and scales: none (Checkpoint.stored's interface)."""
+        return {}
 
     def mismatches(self, loaded: dict[str, torch.Tensor]) -> list[str]:
         bad = []

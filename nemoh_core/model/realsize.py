@@ -117,3 +117,23 @@ def write_random_checkpoint(config: dict[str, Any], out_dir: str | Path, *, seed
         {"metadata": {"total_size": written}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype}, indent=2) + "\n")
     return out
+
+
+
+def write_real_size(config_file: Path | None, preset: str | None, out_dir: str | Path, *, seed: int = 0,
+                    dtype: str | None = None, num_layers: int | None = None,
+                    max_shard_size: str | None = None) -> tuple[str, Path]:
+    """`nemoh make-model --config FILE | --preset BENCH_PRESET`: (what was written, where)."""
+    from nemoh.bench.models import BENCH_PRESETS
+    from nemoh.conformance.memory import parse_size
+    from nemoh.model.config_checks import read_json_file
+
+    if config_file is not None:
+        config, what = read_json_file(config_file, "config.json"), str(config_file)
+    else:
+        assert preset is not None  # the CLI requires one of the two
+        config, what = dict(BENCH_PRESETS[preset].config), f"bench preset {preset}"
+    if num_layers is not None:
+        config = truncate_layers(config, num_layers)
+    shard = parse_size(max_shard_size) if max_shard_size else SHARD_BYTES
+    return what, write_random_checkpoint(config, out_dir, seed=seed, dtype=dtype, shard_bytes=shard)

@@ -25,7 +25,7 @@ import resource
 from dataclasses import dataclass, field
 from typing import Any
 
-from nemoh import display
+from nemoh import display, dtypes
 from nemoh.errors import NemohError
 from nemoh.model.ir import Graph
 from nemoh.oracle import ops as oracle_ops
@@ -40,10 +40,6 @@ RUNTIME = 256 << 20
 # peak less the other parts was 2.1 GB at 330 tokens where 8 + 4 + 8 bytes gave 1.47 GB with the runtime part
 LOGIT_BYTES = 4 + 6 * 8
 LIVE = 6  # fp64 copies of the widest activation alive at once inside a block (inputs, outputs, temporaries)
-
-
-def _bytes_per(dtype: str) -> int:
-    return {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 4)
 
 
 def rss_bytes() -> int:
@@ -122,7 +118,7 @@ def available_bytes() -> tuple[int | None, str]:
 
 def _tensor_bytes(graph: Graph) -> int:
     """Every checkpoint tensor at its storage width in `graph` (the IR's dtype per tensor: fp32 ones stay fp32)."""
-    return sum(t.numel * _bytes_per(t.dtype) for t in graph.params)
+    return sum(t.numel * dtypes.ITEMSIZE[t.dtype] for t in graph.params)
 
 
 def streamed_oracle_bytes(g64: Graph) -> int:
@@ -188,7 +184,7 @@ def plan_memory(g64: Graph, graphs: dict[str, Graph], max_tokens: int, *, oracle
              "logits kept": logits_cache_bytes(g64, max_tokens)}
     whole, streamed = 8 * g64.checkpoint_tensors_total, streamed_oracle_bytes(g64)
     hf = 4 * g64.checkpoint_tensors_total + 8 * g64.checkpoint_tensors_total + \
-        sum(_bytes_per(d) * g64.checkpoint_tensors_total for d in set(hf_dtypes) - {"float32", "float64"})
+        sum(dtypes.ITEMSIZE[d] * g64.checkpoint_tensors_total for d in set(hf_dtypes) - {"float32", "float64"})
     budget = None if avail is None else avail - HEADROOM
     core = sum(parts.values())
     why = []

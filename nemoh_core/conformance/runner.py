@@ -92,8 +92,9 @@ def run_conformance(model: str, backends: list[str], dtypes: list[str], suites: 
     g32 = build_graph(config, "float32")
     graphs = {dtype: build_graph(config, dtype) for dtype in dtypes}
     quant = read_quant_config(path)
-    listed = [c for g in graphs.values() for s in chosen for c in s.cases(ShapeCtx(config, g, g.dtype, quant))]
-    mem = plan_memory(build_graph(config, "float64"), graphs, max(_tokens(c, config) for c in listed) if listed else 0,
+    listed = {d: [(s, c) for s in chosen for c in s.cases(ShapeCtx(config, g, d, quant))] for d, g in graphs.items()}
+    tokens = [_tokens(c, config) for cases in listed.values() for _, c in cases]
+    mem = plan_memory(build_graph(config, "float64"), graphs, max(tokens, default=0),
                       oracle=oracle_mode, limit=memory_limit, hf_dtypes=tuple(dtypes))
     ref_opts: dict[str, Any] = {"oracle_mode": mem.oracle, "logits_cache": mem.parts["logits kept"],
                 "hf_too_big": "" if mem.transformers else
@@ -124,9 +125,7 @@ def run_conformance(model: str, backends: list[str], dtypes: list[str], suites: 
     plan = []  # (spec, backend, dtype, graph, [(suite, case), ...]) in run order
     for spec, be in instances:
         for dtype in dtypes:
-            graph = graphs[dtype]
-            shape = ShapeCtx(config, graph, dtype, ref.quant)
-            plan.append((spec, be, dtype, graph, [(s, c) for s in chosen for c in s.cases(shape)]))
+            plan.append((spec, be, dtype, graphs[dtype], listed[dtype]))
     book = Book(report, json_path, [(spec, dtype, [c.id for _, c in cases]) for spec, _, dtype, _, cases in plan])
     book.write()
     bar = display.progress(sum(len(p[4]) for p in plan), unit="case", enabled=progress)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from nemoh import display
+from nemoh import display, dtypes
 from nemoh.errors import NemohError
 from nemoh.model.config import parse_config
 from nemoh.model.ir import build_graph
@@ -74,7 +74,7 @@ def write_random_checkpoint(config: dict[str, Any], out_dir: str | Path, *, seed
     files: list[Path] = []
     held = 0
     t0 = time.perf_counter()
-    total = sum(t.numel * torch.empty((), dtype=getattr(torch, t.dtype)).element_size() for t in graph.params)
+    total = sum(t.numel * dtypes.ITEMSIZE[t.dtype] for t in graph.params)
     written = 0
     shown = t0
 

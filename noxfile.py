@@ -25,9 +25,10 @@ def install(session: nox.Session, extras: str = "test") -> None:
 
 
 def preset_names(session: nox.Session) -> list[str]:
-    """Every preset: the hand-made tiny ones, then those made from the released configs."""
-    return session.run("python", "-c", "from nemoh.model.presets import all_presets; print(' '.join(all_presets()))",
-                       silent=True).split()
+    """Every preset: the hand-made tiny ones, those made from the released configs, then the ModelOpt-quantized ones
+    (a backend that cannot run a quantized checkpoint as it means answers NOT_SUPPORTED with its reason)."""
+    return session.run("python", "-c", "from nemoh.model.presets import all_presets, quant_presets; "
+                       "print(' '.join([*all_presets(), *quant_presets()]))", silent=True).split()
 
 
 @nox.session
@@ -39,8 +40,8 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def conformance(session: nox.Session) -> None:
-    """Every preset (the hand-made ones and those made from released configs) x every registered backend x
-    (float32, bfloat16), into artifacts/conformance/.
+    """Every preset (the hand-made ones, those made from released configs, the ModelOpt-quantized ones) x every
+    registered backend x (float32, bfloat16), into artifacts/conformance/.
 
     Per preset: PRESET.json (schema reports/conformance.schema.json), PRESET.html and PRESET.junit.xml.
     A backend that cannot run here (cupy without CUDA, onnx at bf16 on the CPU) reports NOT_SUPPORTED

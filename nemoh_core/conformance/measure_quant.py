@@ -30,6 +30,9 @@ ALTERNATIVES: dict[str, QuantOptions] = {
     "block scale rounded up, not to nearest": replace(DEFAULT_QUANT, scale_rounding="up"),
     "block scale not saturated at 448 (no clipping)": replace(DEFAULT_QUANT, scale_overflow="inf"),
     "e2m1 ties away from zero, not to even": replace(DEFAULT_QUANT, value_rounding="away"),
+    # not choices of the format: what computing at a dtype alone does to the quantizers (suites/logits.py)
+    "quantizer inputs rounded to float32 first (any fp32 executor)": replace(DEFAULT_QUANT, input_dtype="float32"),
+    "quantizer inputs rounded to bfloat16 first (any bf16 executor)": replace(DEFAULT_QUANT, input_dtype="bfloat16"),
 }
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from nemoh.model.config import ModelConfig
 from nemoh.model.ir import Graph, build_graph
 from nemoh.model.quant import read_quant_config
 from nemoh.model.weights import Checkpoint
+from nemoh.oracle.ops import DEFAULT_QUANT
 from nemoh.oracle.stream import StreamedParams
 from nemoh.runtime.session import Model, Session
 
@@ -37,7 +38,7 @@ class Reference:
         self.graph64 = build_graph(config, "float64")
         self._params: Mapping[str, torch.Tensor] | None = None
         self._hf: dict[tuple[str, bool], Any] = {}
-        self._logits: OrderedDict[tuple[bytes, tuple[int, ...]], torch.Tensor] = OrderedDict()
+        self._logits: OrderedDict[tuple[bytes, tuple[int, ...], str | None], torch.Tensor] = OrderedDict()
         self.hf_unavailable, self.hf_status = "", Status.SKIPPED
         # found, not imported (that costs seconds, in every --isolate worker); a broken install still
         # fails its import inside a case, which then is SKIPPED with the same hint
@@ -63,17 +64,18 @@ class Reference:
                 ckpt.load(self.graph64)
         return self._params
 
-    def oracle_logits(self, ids: torch.Tensor) -> torch.Tensor:
+    def oracle_logits(self, ids: torch.Tensor, input_dtype: str | None = None) -> torch.Tensor:
         """The fp64 oracle's logits for unpadded `ids`, kept for the run's later cases up to `logits_cache` bytes
-        (the least recently used go first)."""
-        key = (ids.contiguous().numpy().tobytes(), tuple(ids.shape))
+        (the least recently used go first). `input_dtype`: a quantized checkpoint's quantizers see their inputs
+        rounded to that dtype first (nemoh.oracle.ops.QuantOptions.input_dtype)."""
+        key = (ids.contiguous().numpy().tobytes(), tuple(ids.shape), input_dtype)
         if key in self._logits:
             self._logits.move_to_end(key)
             return self._logits[key]
         streamed = self.params if isinstance(self.params, StreamedParams) else None
         if streamed is not None:
             streamed.begin()
-        out = oracle.run(self.graph64, self.params, ids)
+        out = oracle.run(self.graph64, self.params, ids, qopts=replace(DEFAULT_QUANT, input_dtype=input_dtype))
         if streamed is not None:
             streamed.release()
         self._logits[key] = out
@@ -146,6 +148,8 @@ class Ctx:
     def hf_status(self) -> Status:
         """SKIPPED when transformers is not installed, NOT_SUPPORTED when the model is too big for it here."""
         return self.ref.hf_status
+
+    @property
     def quant(self):
         """The checkpoint's quantization (nemoh.model.quant.QuantConfig), or None."""
         return self.ref.quant
@@ -165,8 +169,8 @@ class Ctx:
     def export_state(self, s: Session) -> dict[str, torch.Tensor]:
         return self.model.backend.export_state(s.state)
 
-    def oracle_logits(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.ref.oracle_logits(ids)
+    def oracle_logits(self, ids: torch.Tensor, input_dtype: str | None = None) -> torch.Tensor:
+        return self.ref.oracle_logits(ids, input_dtype)
 
     @torch.inference_mode()
     def hf_logits(self, ids: torch.Tensor, dtype: str, mask: torch.Tensor | None = None) -> torch.Tensor | None:

@@ -143,7 +143,7 @@ def run_conformance(model: str, backends: list[str], dtypes: list[str], suites: 
         for idx, (spec, be, dtype, graph, cases) in enumerate(plan):
             run = {"backend": be.name, "spec": spec, "dtype": dtype, "describe": {}, "results": []}
             report["runs"].append(run)
-            unsupported = unsupported_reason(be, graph, device)
+            unsupported = unsupported_reason(be, graph, device, quant.fmt if quant is not None else None)
             if unsupported:
                 for _suite, case in cases:
                     record(idx, run, Result(case, Status.NOT_SUPPORTED, message=unsupported).to_json())

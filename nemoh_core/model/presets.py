@@ -310,8 +310,8 @@ def all_presets() -> dict[str, Preset]:
 
 # --------------------------------------------------------------------------------------------
 # Quantized presets: an unquantized preset's weights quantized the ModelOpt way (nemoh.model.quant_writer),
-# written in ModelOpt's unified HF layout. Not in all_presets() (the conformance matrix of every backend):
-# only executors that read quantized checkpoints run them.
+# written in ModelOpt's unified HF layout. Not in all_presets() (what tests sweep for every unquantized model);
+# nox -s conformance adds them, and a backend that cannot run them as they mean answers NOT_SUPPORTED.
 
 
 @dataclass(frozen=True)

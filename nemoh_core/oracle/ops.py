@@ -263,6 +263,10 @@ class QuantOptions:
                    448 and the block's values clip at +-6; 'inf': it is kept unrounded (no clipping).
     value_rounding 'even': e2m1 rounding ties to even (ModelOpt's _cast_fp4); 'away': ties away from zero.
     act_quant      False: activations stay unquantized (weight-only reading of a W4A4/W8A8 checkpoint).
+    input_dtype    None: a quantizer sees its input exactly (fp64); 'float32' / 'bfloat16' / 'float16': the input is
+                   first rounded to that dtype, as an executor computing at it holds the tensor it quantizes (not a
+                   choice of the format: how far this alone moves the logits says whether a run at that dtype can be
+                   judged against the fp64 meaning at all; suites/logits.py asks it).
     """
 
     nibble_order: str = "low_first"
@@ -270,6 +274,7 @@ class QuantOptions:
     scale_overflow: str = "saturate"
     value_rounding: str = "even"
     act_quant: bool = True
+    input_dtype: str | None = None
 
 
 DEFAULT_QUANT = QuantOptions()
@@ -362,5 +367,7 @@ def quant_act(x: torch.Tensor, fmt: str, input_scale: torch.Tensor, opts: QuantO
     """The activation quantizer of format `fmt` ('fp8' or 'nvfp4'), at x's dtype; identity if turned off."""
     if not opts.act_quant:
         return x
+    if opts.input_dtype is not None:
+        x = x.to(dtypes.torch_dtype(opts.input_dtype)).to(x.dtype)
     y = quant_act_fp8(x, input_scale) if fmt == "fp8" else quant_act_nvfp4(x, input_scale, opts=opts)
     return y.to(x.dtype)

@@ -103,10 +103,12 @@ class Backend(Protocol):
 
 
 #: what a backend may be unable to do without failing a model: hand its carried state out
-#: (`export_state`/`import_state`, e.g. llama.cpp keeps its recurrent state inside), and hold the
-#: checkpoint's parameters bit for bit (a quantizing engine holds other numbers on purpose). A
-#: backend that cannot lists the name in `optional_capabilities` and answers it in `supports`.
-OPTIONAL_CAPABILITIES = ("state_export", "param_bit_equal")
+#: (`export_state`/`import_state`, e.g. llama.cpp keeps its recurrent state inside), hold the
+#: checkpoint's parameters bit for bit (a quantizing engine holds other numbers on purpose), and run a
+#: ModelOpt FP8 / NVFP4 checkpoint as it means (`quant_fp8`, `quant_nvfp4`: weights as stored AND each
+#: quantized linear's input quantized; an executor that only dequantizes the weights computes another
+#: model). A backend that cannot lists the name in `optional_capabilities` and answers it in `supports`.
+OPTIONAL_CAPABILITIES = ("state_export", "param_bit_equal", "quant_fp8", "quant_nvfp4")
 
 
 def capability(backend: Backend, name: str, dtype: str) -> Support:
@@ -228,14 +230,19 @@ class BackendBase:
         return {"backend": self.name, "class": f"{type(self).__module__}.{type(self).__qualname__}"}
 
 
-def unsupported_reason(backend: Backend, graph: Graph, device: str | None = None) -> str:
+def unsupported_reason(backend: Backend, graph: Graph, device: str | None = None, quant: str | None = None) -> str:
     """Why `backend` can't run `graph` here, each distinct reason said once; "" when it can.
 
-    Asked before anything is loaded: availability, then every op kind at the graph's dtype, then
-    the whole graph (size, dimensions its kernels handle)."""
+    Asked before anything is loaded: availability, then the checkpoint's quantization format (`quant`:
+    'fp8', 'nvfp4' or None, as nemoh.model.quant.QuantConfig.fmt), then every op kind at the graph's dtype,
+    then the whole graph (size, dimensions its kernels handle)."""
     ok = backend.available()
     if not ok.ok:
         return f"backend '{backend.name}' is not available here: {ok.reason}"
+    if quant is not None:
+        q = capability(backend, f"quant_{quant}", graph.dtype)
+        if not q.ok:
+            return f"backend '{backend.name}' cannot run a ModelOpt {quant.upper()} checkpoint as it means: {q.reason}"
     by_reason: dict[str, list[str]] = {}
     for kind in sorted({op.kind for b in graph.blocks for op in b.ops}):
         answer = backend.supports(kind, graph.dtype)

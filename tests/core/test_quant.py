@@ -350,3 +350,52 @@ def test_fp8_kv_cache_scales_are_read_validated_and_flagged(nvfp4, tmp_path):
     assert any("kv_cache_quant_algo FP8" in n and "not applied" in n for n in ck.notices)
     edit(f, lambda t: t.update({"backbone.layers.3.mixer.k_proj.k_scale": torch.ones(2)}))
     assert "backbone.layers.3.mixer.k_proj.k_scale" in load_error(path)
+
+
+def test_a_backend_that_cannot_quantize_activations_is_not_supported_not_failed():
+    """An executor that only dequantizes the weights computes another model: the runner asks its `quant_<fmt>`
+    capability before loading, and every case is NOT_SUPPORTED with the reason (a backend that does not list the
+    capability is assumed to run the format, and is judged)."""
+    from nemoh.conformance.runner import run_conformance
+    from nemoh.runtime.backend import BackendBase, Support, unsupported_reason
+
+    class DequantOnly(BackendBase):
+        name = "dequant-only"
+        optional_capabilities = ("quant_nvfp4",)
+
+        def supports(self, op_kind, dtype):
+            return Support.no("weights only") if op_kind == "quant_nvfp4" else super().supports(op_kind, dtype)
+
+    class Unaware(BackendBase):
+        name = "unaware"
+
+    g = build_graph(load_config(P.cached_checkpoint("tiny-wide-nvfp4")), "float32")
+    assert unsupported_reason(DequantOnly(), g, quant="nvfp4") == (
+        "backend 'dequant-only' cannot run a ModelOpt NVFP4 checkpoint as it means: weights only")
+    assert unsupported_reason(DequantOnly(), g, quant="fp8") == ""
+    assert unsupported_reason(DequantOnly(), g) == ""
+    assert unsupported_reason(Unaware(), g, quant="nvfp4") == ""
+
+    pytest.importorskip("onnxruntime", reason="the onnx extra: pip install 'nemoh[onnx]'")
+    report = run_conformance("tiny-moe-fp8", ["onnx"], ["float32"], ["logits"], progress=False, deviations=False)
+    results = report["runs"][0]["results"]
+    assert results and all(r["status"] == "NOT_SUPPORTED" for r in results), results
+    assert all("cannot run a ModelOpt FP8 checkpoint as it means" in r["message"] for r in results)
+    assert report["summary"]["exit_code"] != 0  # nothing was judged
+
+
+def test_bf16_logits_on_a_quantized_checkpoint_are_undecidable_with_both_distances_reported():
+    """At bf16 the fp64 oracle moves beyond the bf16 rows when only its quantizers' inputs are rounded to bf16 (the
+    tiny presets' logits are chaotic in the quantizers' step boundaries): the logits-vs-oracle cases say so, with
+    the executor's distance and that floor, instead of a FAIL no executor could avoid; fp32 is still judged."""
+    from nemoh.conformance.runner import run_conformance
+
+    report = run_conformance("tiny-moe-fp8", ["torch"], ["float32", "bfloat16"], ["logits"], progress=False,
+                             deviations=False)
+    by_dtype = {run["dtype"]: [r for r in run["results"] if "ref=oracle" in r["id"]] for run in report["runs"]}
+    assert by_dtype["float32"] and all(r["status"] == "OK" for r in by_dtype["float32"])
+    for r in by_dtype["bfloat16"]:
+        assert r["status"] == "NOT_SUPPORTED" and r["message"].startswith("undecidable at bfloat16"), r
+        floor = r["details"]["rounding_floor"]
+        assert floor["logits_kl"] > 0.05 and floor["logits_top1"] < 0.9  # the floor itself is out of tolerance
+        assert all(m["tolerance"] is None for m in r["metrics"])  # reported, not judged

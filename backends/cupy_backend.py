@@ -440,7 +440,7 @@ class CupyBackend:
     """Implements nemoh.runtime.backend.Backend with CuPy and the kernels in cupy_kernels/."""
 
     name = "cupy"
-    optional_capabilities = ("quant_fp8", "quant_nvfp4")
+    optional_capabilities = ("quant_fp8", "quant_nvfp4", "quant_kv_fp8")
 
     def __init__(self, max_len: int | None = None, cuda_graphs: bool | None = None, compiler: str | None = None):
         self.max_len = int(max_len if max_len is not None else os.environ.get("NEMOH_CUPY_MAX_LEN", 4096))
@@ -503,6 +503,8 @@ class CupyBackend:
         return check_graph(graph)
 
     def supports(self, op_kind: str, dtype: str) -> Support:
+        if op_kind == "quant_kv_fp8":
+            return Support.no("the CuPy kernels keep the KV cache at the compute dtype")
         if op_kind in ("quant_fp8", "quant_nvfp4"):
             return Support.no("the CuPy kernels read the weights dequantized but do not quantize the linears' "
                               "inputs (W8A8 / W4A4), so they would compute another model (docs/quantized-formats.md)")

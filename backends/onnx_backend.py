@@ -161,7 +161,7 @@ class OnnxBackend(BackendBase):
     """Implements nemoh.runtime.backend.Backend with onnxruntime on the graph lowered from the IR."""
 
     name = "onnx"
-    optional_capabilities = ("quant_fp8", "quant_nvfp4")
+    optional_capabilities = ("quant_fp8", "quant_nvfp4", "quant_kv_fp8")
 
     def __init__(self) -> None:
         self.graph: Graph | None = None
@@ -185,6 +185,8 @@ class OnnxBackend(BackendBase):
         return Support.yes()
 
     def supports(self, op_kind: str, dtype: str) -> Support:
+        if op_kind == "quant_kv_fp8":
+            return Support.no("the ONNX lowering keeps the KV cache at the compute dtype")
         if op_kind in ("quant_fp8", "quant_nvfp4"):
             return Support.no("the ONNX lowering reads the weights dequantized but does not quantize the linears' "
                               "inputs (W8A8 / W4A4), so it would compute another model (docs/quantized-formats.md)")

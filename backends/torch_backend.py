@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from nemoh import dtypes
 from nemoh.model.ir import Graph, Layer
-from nemoh.model.quant import act_quant_of, aux_name
+from nemoh.model.quant import act_quant_of, aux_name, kv_quant_of
 from nemoh.model.weights import Checkpoint
 from nemoh.runtime.backend import BackendBase
 
@@ -128,6 +128,7 @@ class TorchBackend(BackendBase):
             p[name] = self._dequant(name, fmt, checkpoint).to(dtypes.torch_dtype(specs[name].dtype))
         self.p = {k: v.to(self.device) for k, v in p.items()}
         self.aq = {t.name: a for t in graph.params if (a := act_quant_of(self.p, t.name)) is not None}
+        self.kvq = {l.index: s for l in graph.layers if (s := kv_quant_of(self.p, l.index)) is not None}
         self.acc = dtypes.acc(self.dtype)
         # derived once: A = -exp(A_log) exactly once, in the accumulation dtype
         self.A = {l.index: -torch.exp(self.p[f"layers.{l.index}.mixer.A_log"].to(self.acc))
@@ -362,6 +363,8 @@ class TorchBackend(BackendBase):
         q = self._linear(pre + "q_proj", h).view(Bsz, T, Q, Dh)
         k = self._linear(pre + "k_proj", h).view(Bsz, T, KV, Dh)
         v = self._linear(pre + "v_proj", h).view(Bsz, T, KV, Dh)
+        if i in self.kvq:  # an FP8 KV cache: new K and V are stored as e4m3(x / scale) * scale
+            k, v = self._act_fp8(k, self.kvq[i][0]), self._act_fp8(v, self.kvq[i][1])
         state.k[i] = k = torch.cat([state.k[i], k], dim=1)
         state.v[i] = v = torch.cat([state.v[i], v], dim=1)
         S_all = k.shape[1]

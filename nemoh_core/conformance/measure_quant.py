@@ -5,7 +5,8 @@ all of nemoh.model.presets.QUANT_SPECS) with nemoh's default QuantOptions and wi
 seeded prompt (B=2, T=chunk_size+37), and prints a Markdown table: mean KL(default || alternative) per
 position with its standard error, top-1 agreement, and max |Δlogit| / max |logit|. Two rows change the
 checkpoint rather than the options: every linear quantized (exclude_modules ignored), and the unquantized
-original (what the format costs in all).
+original (what the format costs in all). One more writes the preset again with kv_cache_quant_algo FP8 (k_scale /
+v_scale calibrated) and compares its FP8 KV cache with the cache kept at the compute dtype.
 """
 
 from __future__ import annotations
@@ -64,6 +65,14 @@ def measure(name: str) -> list[str]:
         out = oracle.run(g, Checkpoint(tmp).load(g), ids)
     rows.append(f"| {name} | every linear quantized (exclude_modules {list(qc.exclude_modules)} ignored) | "
                 f"{stats(ref, out)} |")
+    if qc.kv_cache_algo is None and any(layer.kind == "attention" for layer in g.layers):
+        with tempfile.TemporaryDirectory() as tmp:  # the same checkpoint with an FP8 KV cache, as Nano's release
+            write_quantized(orig, tmp, QuantConfig(qc.algo, qc.group_size, qc.exclude_modules, "FP8", "measure_quant"))
+            kv_params = Checkpoint(tmp).load(g)
+            kv = oracle.run(g, kv_params, ids)
+            plain = oracle.run(g, kv_params, ids, qopts=replace(DEFAULT_QUANT, kv_cache="compute"))
+        rows.append(f"| {name} + FP8 KV cache | KV cache kept at the compute dtype (kv_cache_quant_algo FP8 "
+                    f"ignored) | {stats(kv, plain)} |")
     g0 = build_graph(load_config(orig), "float64")
     rows.append(f"| {name} | the unquantized original (the format's whole cost) | "
                 f"{stats(ref, oracle.run(g0, Checkpoint(orig).load(g0), ids))} |")

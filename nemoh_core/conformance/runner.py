@@ -34,7 +34,7 @@ from nemoh.environment import environment
 from nemoh.errors import NemohError
 from nemoh.model.config import load_config
 from nemoh.model.ir import build_graph
-from nemoh.model.quant import read_quant_config
+from nemoh.model.quant import KV_ALGOS, read_quant_config
 from nemoh.runtime.backend import unsupported_reason
 from nemoh.runtime.registry import get_backend, optional_hint
 from nemoh.runtime.session import open_model
@@ -143,7 +143,8 @@ def run_conformance(model: str, backends: list[str], dtypes: list[str], suites: 
         for idx, (spec, be, dtype, graph, cases) in enumerate(plan):
             run = {"backend": be.name, "spec": spec, "dtype": dtype, "describe": {}, "results": []}
             report["runs"].append(run)
-            unsupported = unsupported_reason(be, graph, device, quant.fmt if quant is not None else None)
+            unsupported = unsupported_reason(be, graph, device, quant.fmt if quant is not None else None,
+                                             KV_ALGOS.get(quant.kv_cache_algo or "") if quant is not None else None)
             if unsupported:
                 for _suite, case in cases:
                     record(idx, run, Result(case, Status.NOT_SUPPORTED, message=unsupported).to_json())

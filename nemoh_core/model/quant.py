@@ -203,6 +203,19 @@ def act_key(weight: str, fmt: str) -> str:
     return f"{weight}:act_{fmt}"
 
 
+def kv_key(layer: int, which: str) -> str:
+    """Where a loaded parameter dict holds attention layer `layer`'s FP8 KV-cache scale, `which` 'k' or 'v'
+    (the checkpoint's `k_proj.k_scale` / `v_proj.v_scale`; Checkpoint.load puts them there when the checkpoint's
+    kv_cache_quant_algo is FP8)."""
+    return f"layers.{layer}.mixer.{which}_proj.weight:kv_fp8"
+
+
+def kv_quant_of(params: Mapping[str, Any], layer: int) -> tuple[Any, Any] | None:
+    """(k_scale, v_scale) of attention layer `layer`'s FP8 KV cache, or None (the cache at the compute dtype)."""
+    k, v = params.get(kv_key(layer, "k")), params.get(kv_key(layer, "v"))
+    return None if k is None or v is None else (k, v)
+
+
 def act_quant_of(params: Mapping[str, Any], weight: str) -> tuple[str, Any] | None:
     """(format, input_scale) of the activation quantizer before linear `weight`, or None."""
     for fmt in ALGOS.values():

@@ -9,6 +9,8 @@ per-block scales); nemoh.model.quant documents the layout, docs/quantized-format
                  codes = e2m1(W / (weight_scale * weight_scale_2)), packed two a byte, element 2j low
   input_scale:   amax of the linear's calibration inputs / 448 (FP8) or / (6 * 448) (NVFP4); an expert's
                  over the tokens routed to it (an expert no calibration token reaches takes the layer's max)
+  k_scale, v_scale (kv_cache_quant_algo FP8): amax of the calibration K / V (k_proj / v_proj outputs; no RoPE
+                 in Nemotron-H) / 448, next to k_proj / v_proj whether or not those are quantized
 
 Scales are computed in fp32 from fp32 weights, as ModelOpt does. nvidia-modelopt's own exporter is not used:
 see docs/quantized-formats.md for why.
@@ -82,6 +84,8 @@ def calibrate(base_dir: Path, ids: torch.Tensor) -> dict[str, float]:
             if op.kind == "linear":
                 mod = "lm_head" if op.params[0] == "lm_head.weight" else "backbone." + op.params[0][:-len(".weight")]
                 amax[mod] = vals[op.inputs[0]].abs().max().item()
+                if mod.endswith(("mixer.k_proj", "mixer.v_proj")):  # what an FP8 KV cache holds
+                    amax[f"{mod}.{mod[-6]}_scale"] = vals[op.outputs[0]].abs().max().item()
             elif op.kind == "moe_experts":
                 x = vals[op.inputs[0]].reshape(-1, vals[op.inputs[0]].shape[-1])
                 idx = vals[op.inputs[2]]
@@ -119,6 +123,9 @@ def write_quantized(base_dir: str | Path, out_dir: str | Path, qc: QuantConfig, 
                 t = h.get_tensor(key)
                 name, action, _ = canonical_name(key)
                 mod = key.removesuffix(".weight")
+                if qc.kv_cache_algo is not None and mod.endswith(("mixer.k_proj", "mixer.v_proj")):
+                    kv = f"{mod}.{mod[-6]}_scale"
+                    tensors[kv] = (torch.tensor(amax[kv], dtype=torch.float32) / E4M3_MAX).reshape(())
                 if name is None or not QUANTIZABLE.fullmatch(name) or qc.excluded(mod):
                     tensors[key] = t
                     continue

@@ -23,7 +23,7 @@ from nemoh import dtypes
 from nemoh.errors import WeightsError
 from nemoh.model.config_checks import check_regular_file, read_json_file, show
 from nemoh.model.ir import Graph
-from nemoh.model.quant import AUX_SUFFIXES, SCALES, QuantConfig, act_key, aux_name, read_quant_config
+from nemoh.model.quant import AUX_SUFFIXES, SCALES, QuantConfig, act_key, aux_name, kv_key, read_quant_config
 
 # how each quantized format stores its codes (safetensors dtype code) and the shape of a [out, in] weight
 QUANT_DTYPES = {"fp8": "F8_E4M3", "nvfp4": "U8"}
@@ -180,8 +180,12 @@ class Checkpoint:
         if ignored:
             self.notices.append(f"ignored {ignored} mtp.* tensors (the speculative multi-token head)")
         if self.quant is not None and self.quant.kv_cache_algo is not None:
-            self.notices.append(f"kv_cache_quant_algo {self.quant.kv_cache_algo} is read (k_scale/v_scale validated) "
-                                "but not applied: the KV cache stays at the compute dtype (docs/quantized-formats.md)")
+            missing = sorted({n.split(".mixer.")[0] for n in self.entries if n.endswith("mixer.k_proj.weight")
+                              and not (self.aux.get(aux_name(n, "k_scale")) and
+                                       self.aux.get(aux_name(n.replace("k_proj", "v_proj"), "v_scale")))})
+            self.notices.append(f"kv_cache_quant_algo {self.quant.kv_cache_algo}: K and V are cached as "
+                                "e4m3(x / k_scale|v_scale)" + (f"; {', '.join(missing)} carry no k_scale/v_scale, "
+                                                               "so 1.0 (as vLLM)" if missing else ""))
 
     def _handle(self, f: Path):
         if f not in self._handles:
@@ -219,6 +223,19 @@ class Checkpoint:
             if fmt is not None:
                 out[t.name] = fmt
         return out
+
+    def kv_scales(self, graph: Graph) -> dict[str, tuple[str, str]]:
+        """nemoh.model.quant.kv_key(layer, 'k'|'v') -> (k_proj/v_proj weight name, 'k_scale'|'v_scale') for each
+        attention layer, when the checkpoint's KV cache is FP8 (a scale not stored reads as 1.0: `read_kv`)."""
+        if self.quant is None or self.quant.kv_cache_algo is None:
+            return {}
+        return {kv_key(l.index, w): (f"layers.{l.index}.mixer.{w}_proj.weight", f"{w}_scale")
+                for l in graph.layers if l.kind == "attention" for w in ("k", "v")}
+
+    def read_kv(self, weight: str, suffix: str) -> torch.Tensor:
+        """An FP8 KV-cache scale as fp32 [], 1.0 where the checkpoint has none (vLLM's default)."""
+        s = self.read_aux(weight, suffix)
+        return torch.tensor(1.0) if s is None else s.to(torch.float32, copy=True).reshape(())
 
     def _dtype(self, e: Entry) -> str:
         return self._handle(e.file).get_slice(e.key).get_dtype()
@@ -390,7 +407,8 @@ class Checkpoint:
         """Validated tensors cast to the graph's storage dtypes (fp32 ones stay fp32).
 
         Quantized linears come dequantized (exactly, in fp64, then cast), and each one whose activations
-        are quantized adds its input scale under `act_key(weight, format)`.
+        are quantized adds its input scale under `act_key(weight, format)`; an FP8 KV cache adds each attention
+        layer's k/v scales under `kv_key(layer, 'k'|'v')`.
         Always copies: `read` returns views of the memory-mapped file, and a caller that changes a
         loaded tensor in place must not change what `read`/`mismatches` see as the file.
         """
@@ -405,6 +423,9 @@ class Checkpoint:
             inp = self.read_aux(name, "input_scale") if fmt is not None else None
             if inp is not None and fmt is not None:
                 out[act_key(name, fmt)] = inp.to(torch.float32, copy=True)
+        for key, (weight, suffix) in self.kv_scales(graph).items():  # the FP8 KV cache's scales
+            if names is None or weight in out:
+                out[key] = self.read_kv(weight, suffix)
         return out
 
     def mismatches(self, loaded: dict[str, torch.Tensor]) -> list[str]:

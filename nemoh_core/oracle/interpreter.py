@@ -13,7 +13,7 @@ import torch
 
 from nemoh.model.ir import Graph, Op
 from nemoh.oracle import ops
-from nemoh.model.quant import act_quant_of
+from nemoh.model.quant import act_quant_of, kv_quant_of
 from nemoh.oracle.ops import (
     DEFAULT_QUANT,
     QuantOptions,
@@ -26,6 +26,7 @@ from nemoh.oracle.ops import (
     moe_experts,
     moe_router,
     quant_act,
+    quant_act_fp8,
     relu2,
     rmsnorm,
     ssd_chunked,
@@ -52,7 +53,8 @@ def run(graph: Graph, params: Mapping[str, torch.Tensor], ids: torch.Tensor, *, 
     `dt_clamp_min` overrides the lower dt clamp (to reproduce a reference quirk, nothing else).
     A quantized checkpoint's params (Checkpoint.load) hold its linears dequantized and, for each linear whose
     activations are quantized, the input scale under nemoh.model.quant.act_key: the input is then
-    quantized (nemoh.oracle.ops.quant_act, choices in `qopts`) before the product.
+    quantized (nemoh.oracle.ops.quant_act, choices in `qopts`) before the product. An FP8 KV cache's scales
+    (nemoh.model.quant.kv_key) make each attention layer cache its new K and V as FP8.
     """
     state = state if state is not None else OracleState()
     Bsz, T = ids.shape
@@ -80,6 +82,8 @@ def run_block(block, vals: dict[str, torch.Tensor], params: Mapping[str, torch.T
         ins = [vals[n] for n in op.inputs]
         ps = [params[n] for n in op.params]
         aq = [act_quant_of(params, n) for n in op.params] if op.kind in ("linear", "moe_experts") else []
+        if op.kind == "attention" and qopts.kv_cache == "checkpoint":
+            aq = list(kv_quant_of(params, block.index) or ())  # the FP8 KV cache's (k_scale, v_scale)
         outs = _apply(op, ins, ps, state, pad, key_mask, ssd, dt_clamp_min, aq, qopts)
         for name, v in zip(op.outputs, outs):
             vals[name] = v
@@ -144,6 +148,8 @@ def _apply(op: Op, ins, ps, state: OracleState, pad_mask, key_mask, ssd, dt_clam
         Q, KV, Dh = a["heads"], a["kv_heads"], a["head_dim"]
         kname, vname = op.state
         kn, vn = kn.view(Bsz, T, KV, Dh), vn.view(Bsz, T, KV, Dh)
+        if aq:  # an FP8 KV cache: the new K and V are stored quantized (what is cached stays so)
+            kn, vn = quant_act_fp8(kn, aq[0]).to(kn.dtype), quant_act_fp8(vn, aq[1]).to(vn.dtype)
         if kname in state.tensors:
             kn = torch.cat([state.tensors[kname], kn], dim=1)
             vn = torch.cat([state.tensors[vname], vn], dim=1)

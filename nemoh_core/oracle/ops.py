@@ -263,6 +263,9 @@ class QuantOptions:
                    448 and the block's values clip at +-6; 'inf': it is kept unrounded (no clipping).
     value_rounding 'even': e2m1 rounding ties to even (ModelOpt's _cast_fp4); 'away': ties away from zero.
     act_quant      False: activations stay unquantized (weight-only reading of a W4A4/W8A8 checkpoint).
+    kv_cache       'checkpoint': where kv_cache_quant_algo is FP8, each attention layer's new K and V are cached as
+                   e4m3(x / scale) * scale (k_scale / v_scale, per tensor, saturating; vLLM honours the directive
+                   by default); 'compute': the cache stays at the compute dtype (an engine that ignores it).
     input_dtype    None: a quantizer sees its input exactly (fp64); 'float32' / 'bfloat16' / 'float16': the input is
                    first rounded to that dtype, as an executor computing at it holds the tensor it quantizes (not a
                    choice of the format: how far this alone moves the logits says whether a run at that dtype can be
@@ -274,6 +277,7 @@ class QuantOptions:
     scale_overflow: str = "saturate"
     value_rounding: str = "even"
     act_quant: bool = True
+    kv_cache: str = "checkpoint"
     input_dtype: str | None = None
 
 

@@ -65,6 +65,8 @@ class StreamedParams(Mapping[str, torch.Tensor]):
         self.act_keys = {act_key(n, f): n for n, f in self.formats.items()
                          if ckpt.aux.get(aux_name(n, "input_scale"))}
         self.block_of.update({k: self.block_of[n] for k, n in self.act_keys.items()})
+        self.kv_keys = ckpt.kv_scales(graph)  # an FP8 KV cache's scales, under kv_key as Checkpoint.load gives them
+        self.block_of.update({k: self.block_of[w] for k, (w, _) in self.kv_keys.items()})
         self.embedding = graph.embed.ops[0].params[0]
         self.head = graph.head.ops[-1].params[0]
         self._block: object = None
@@ -83,6 +85,8 @@ class StreamedParams(Mapping[str, torch.Tensor]):
     def __getitem__(self, name: str):  # a tensor, or a row-wise stand-in for one (the embedding, the head)
         if name not in self.block_of:
             raise KeyError(name)
+        if name in self.kv_keys:
+            return self.ckpt.read_kv(*self.kv_keys[name])
         if name in self.act_keys:
             scale = self.ckpt.read_aux(self.act_keys[name], "input_scale")
             assert scale is not None  # act_keys lists only linears that have one

@@ -107,8 +107,9 @@ class Backend(Protocol):
 #: checkpoint's parameters bit for bit (a quantizing engine holds other numbers on purpose), and run a
 #: ModelOpt FP8 / NVFP4 checkpoint as it means (`quant_fp8`, `quant_nvfp4`: weights as stored AND each
 #: quantized linear's input quantized; an executor that only dequantizes the weights computes another
-#: model). A backend that cannot lists the name in `optional_capabilities` and answers it in `supports`.
-OPTIONAL_CAPABILITIES = ("state_export", "param_bit_equal", "quant_fp8", "quant_nvfp4")
+#: model; `quant_kv_fp8`: the FP8 KV cache a checkpoint's kv_cache_quant_algo asks for). A backend that
+#: cannot lists the name in `optional_capabilities` and answers it in `supports`.
+OPTIONAL_CAPABILITIES = ("state_export", "param_bit_equal", "quant_fp8", "quant_nvfp4", "quant_kv_fp8")
 
 
 def capability(backend: Backend, name: str, dtype: str) -> Support:
@@ -230,11 +231,13 @@ class BackendBase:
         return {"backend": self.name, "class": f"{type(self).__module__}.{type(self).__qualname__}"}
 
 
-def unsupported_reason(backend: Backend, graph: Graph, device: str | None = None, quant: str | None = None) -> str:
+def unsupported_reason(backend: Backend, graph: Graph, device: str | None = None, quant: str | None = None,
+                       kv_cache: str | None = None) -> str:
     """Why `backend` can't run `graph` here, each distinct reason said once; "" when it can.
 
     Asked before anything is loaded: availability, then the checkpoint's quantization format (`quant`:
-    'fp8', 'nvfp4' or None, as nemoh.model.quant.QuantConfig.fmt), then every op kind at the graph's dtype,
+    'fp8', 'nvfp4' or None, as nemoh.model.quant.QuantConfig.fmt) and KV-cache format (`kv_cache`: 'fp8' or
+    None), then every op kind at the graph's dtype,
     then the whole graph (size, dimensions its kernels handle)."""
     ok = backend.available()
     if not ok.ok:
@@ -243,6 +246,10 @@ def unsupported_reason(backend: Backend, graph: Graph, device: str | None = None
         q = capability(backend, f"quant_{quant}", graph.dtype)
         if not q.ok:
             return f"backend '{backend.name}' cannot run a ModelOpt {quant.upper()} checkpoint as it means: {q.reason}"
+    if kv_cache is not None:
+        q = capability(backend, f"quant_kv_{kv_cache}", graph.dtype)
+        if not q.ok:
+            return f"backend '{backend.name}' cannot keep the {kv_cache.upper()} KV cache the checkpoint asks for: {q.reason}"
     by_reason: dict[str, list[str]] = {}
     for kind in sorted({op.kind for b in graph.blocks for op in b.ops}):
         answer = backend.supports(kind, graph.dtype)

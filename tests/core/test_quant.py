@@ -19,8 +19,8 @@ from nemoh.errors import WeightsError
 from nemoh.model import presets as P
 from nemoh.model.config import load_config
 from nemoh.model.ir import build_graph
-from nemoh.model.quant import act_key, parse_quant_config, quant_config_of
-from nemoh.model.quant_writer import e2m1_codes, pack_e2m1, quantize_fp8, quantize_nvfp4
+from nemoh.model.quant import QuantConfig, act_key, kv_key, parse_quant_config, quant_config_of, read_quant_config
+from nemoh.model.quant_writer import e2m1_codes, pack_e2m1, quantize_fp8, quantize_nvfp4, write_quantized
 from nemoh.model.weights import Checkpoint
 from nemoh.oracle.ops import (
     QuantOptions,
@@ -346,8 +346,13 @@ def test_fp8_kv_cache_scales_are_read_validated_and_flagged(nvfp4, tmp_path):
     edit(f, lambda t: t.update({"backbone.layers.3.mixer.k_proj.k_scale": torch.tensor(0.01),
                                 "backbone.layers.3.mixer.v_proj.v_scale": torch.tensor(0.02)}))
     ck = Checkpoint(path)
-    ck.load(build_graph(load_config(path), "float32"))
-    assert any("kv_cache_quant_algo FP8" in n and "not applied" in n for n in ck.notices)
+    params = ck.load(build_graph(load_config(path), "float32"))
+    assert any("kv_cache_quant_algo FP8: K and V are cached" in n and "1.0" not in n for n in ck.notices)
+    assert params[kv_key(3, "k")].item() == pytest.approx(0.01) and params[kv_key(3, "v")].item() == pytest.approx(0.02)
+    edit(f, lambda t: t.pop("backbone.layers.3.mixer.v_proj.v_scale"))
+    ck = Checkpoint(path)
+    assert ck.load(build_graph(load_config(path), "float32"))[kv_key(3, "v")].item() == 1.0  # vLLM's default
+    assert any("layers.3 carry no k_scale/v_scale, so 1.0" in n for n in ck.notices), ck.notices
     edit(f, lambda t: t.update({"backbone.layers.3.mixer.k_proj.k_scale": torch.ones(2)}))
     assert "backbone.layers.3.mixer.k_proj.k_scale" in load_error(path)
 
@@ -399,3 +404,52 @@ def test_bf16_logits_on_a_quantized_checkpoint_are_undecidable_with_both_distanc
         floor = r["details"]["rounding_floor"]
         assert floor["logits_kl"] > 0.05 and floor["logits_top1"] < 0.9  # the floor itself is out of tolerance
         assert all(m["tolerance"] is None for m in r["metrics"])  # reported, not judged
+
+
+@pytest.fixture(scope="module")
+def kv_fp8(tmp_path_factory) -> Path:
+    """tiny-wide-nvfp4 written again with kv_cache_quant_algo FP8 (as NVIDIA's Nano NVFP4 release): k_scale and
+    v_scale calibrated next to the excluded attention layer's k_proj / v_proj."""
+    qc = read_quant_config(P.cached_checkpoint("tiny-wide-nvfp4"))
+    assert qc is not None
+    out = tmp_path_factory.mktemp("kv") / "tiny-wide-nvfp4-kv"
+    orig = P.original_of("tiny-wide-nvfp4")
+    assert orig is not None
+    return write_quantized(P.cached_checkpoint(orig), out, QuantConfig(qc.algo, qc.group_size, qc.exclude_modules,
+                                                                       "FP8", "test"))
+
+
+def test_fp8_kv_cache_is_applied_by_the_oracle_the_stream_and_the_torch_executor(kv_fp8):
+    """The oracle caches K and V as e4m3(x / scale) * scale (QuantOptions.kv_cache='checkpoint'), which moves the
+    logits; the streamed oracle serves the same scales (bit-equal); the torch executor matches at fp64, and one
+    that ignores the directive FAILs, localised to the attention layer; onnx answers NOT_SUPPORTED."""
+    from dataclasses import replace
+
+    from nemoh import oracle
+    from nemoh.conformance.runner import run_conformance
+    from nemoh.oracle.ops import DEFAULT_QUANT
+    from nemoh.oracle.stream import StreamedParams
+    from nemoh.runtime.backend import unsupported_reason
+    from nemoh.runtime.registry import get_backend
+
+    g = build_graph(load_config(kv_fp8), "float64")
+    ck = Checkpoint(kv_fp8)
+    params = ck.load(g)
+    assert 0 < params[kv_key(3, "k")].item() < 1 and "backbone.layers.3.mixer.k_proj.k_scale" in load_file(
+        kv_fp8 / "model.safetensors")
+    ids = torch.randint(4, 512, (2, 40), generator=GEN)
+    ref = oracle.run(g, params, ids)
+    plain = oracle.run(g, params, ids, qopts=replace(DEFAULT_QUANT, kv_cache="compute"))
+    assert (ref - plain).abs().max() > 1e-3 * ref.abs().max()  # the FP8 cache is applied and matters
+    assert torch.equal(oracle.run(g, StreamedParams(ck, g), ids), ref)
+
+    report = run_conformance(str(kv_fp8), ["torch", "broken_backends:KvCacheNotQuantized"], ["float64"], ["logits"],
+                             progress=False, deviations=False)
+    good, bad = ([r for r in run["results"] if "ref=oracle" in r["id"]] for run in report["runs"])
+    assert good and all(r["status"] == "OK" for r in good), good
+    assert bad and all(r["status"] == "FAIL" for r in bad), bad
+    assert any((r["localisation"] or {}).get("op") == "layers.3.mixer.attention" for r in bad), \
+        [r["localisation"] for r in bad]
+    onnx = get_backend("onnx")
+    if onnx.available().ok:
+        assert "cannot keep the FP8 KV cache" in unsupported_reason(onnx, g, None, None, "fp8")

@@ -664,7 +664,7 @@ class CupyBackend:
         static); a packed NVFP4 weight goes to gemv_nvfp4, or is dequantized for cuBLAS."""
         wname = f"{name}.weight"
         pk, w = self.packed.get(wname), self.p.get(wname)
-        R, Cc = (pk.rows, pk.cols) if pk is not None else w.shape
+        R, Cc = (pk.rows, pk.cols) if pk is not None else self.p[wname].shape
         aq = self.aq.get(wname)
         if aq is not None:
             xq = self._aq_static if decode else self._empty((M * Cc,), self.dtype)

@@ -111,10 +111,15 @@ __device__ __forceinline__ float e4m3_round(float x) {
     return copysignf(rintf(a / step) * step, x);                     // a / step: exact (a power of two)
 }
 
+// e2m1 magnitude of code i (0..7): 0, 0.5, then (1 + m/2) * 2^(e-1), e = i >> 1, m = i & 1. Arithmetic, not a
+// table: a dynamically indexed array would live in local memory
+__device__ __forceinline__ float e2m1_mag(unsigned i) {
+    return i < 2u ? 0.5f * (float)i : (1.f + 0.5f * (float)(i & 1u)) * __int_as_float((int)((126u + (i >> 1)) << 23));
+}
+
 // e2m1 code (low 4 bits) -> value
 __device__ __forceinline__ float e2m1_to_f(unsigned c) {
-    const float mag[8] = {0.f, 0.5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f};
-    const float v = mag[c & 7u];
+    const float v = e2m1_mag(c & 7u);
     return (c & 8u) ? -v : v;
 }
 
@@ -123,6 +128,5 @@ __device__ __forceinline__ float e2m1_to_f(unsigned c) {
 __device__ __forceinline__ float e2m1_round(float y) {
     const float a = fminf(fabsf(y), 6.f);
     const int i = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) + (a >= 3.5f) + (a > 5.f);
-    const float mag[8] = {0.f, 0.5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f};
-    return copysignf(mag[i], y);
+    return copysignf(e2m1_mag((unsigned)i), y);
 }

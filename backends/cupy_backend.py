@@ -515,9 +515,8 @@ class CupyBackend:
         return check_graph(graph)
 
     def supports(self, op_kind: str, dtype: str) -> Support:
-        if op_kind in ("quant_fp8", "quant_nvfp4"):
-            return Support.no("the CuPy kernels read the weights dequantized but do not quantize the linears' "
-                              "inputs (W8A8 / W4A4), so they would compute another model (docs/quantized-formats.md)")
+        if op_kind in ("quant_fp8", "quant_nvfp4"):  # backends/cupy_quant.py, cupy_kernels/quant.cu
+            return Support.yes() if dtype in DTYPES else Support.no(f"dtype {dtype}: not a CuPy kernel dtype")
         if op_kind not in OP_KINDS:
             return Support.no(f"unknown op kind {op_kind!r}")
         if dtype not in DTYPES:

@@ -68,3 +68,5 @@ def test_packed_weights_and_what_describe_says():
     for name in ("layers.0.mixer.in_proj.weight", "layers.1.mixer.shared_experts.up_proj.weight"):
         assert torch.equal(be.read_param(name).view(torch.int32), th.backend.read_param(name).view(torch.int32))
     assert "quantized" not in cb.CupyEmulatedBackend().describe()
+    assert be.supports("quant_nvfp4", "bfloat16").ok and be.supports("quant_fp8", "float32").ok
+    assert not be.supports("quant_fp8", "float64").ok

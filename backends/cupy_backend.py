@@ -54,10 +54,12 @@ from nemoh import dtypes
 from nemoh.bench.cost import op_costs
 from nemoh.errors import NemohError
 from nemoh.model.ir import OP_KINDS, Graph, Layer
+from nemoh.model.quant import act_key, kv_key
 from nemoh.model.weights import Checkpoint
 from nemoh.runtime.backend import Support
 
 from . import cupy_compile as cc
+from . import cupy_quant as cq
 from .cupy_device import NP_DTYPES, CupyDevice, Device, LaunchShape
 
 DTYPES = ("float32", "bfloat16")
@@ -211,8 +213,9 @@ def state_buffers(graph: Graph, batch: int, max_len: int) -> dict[str, tuple[tup
     return out
 
 
-def decode_buffers(graph: Graph, batch: int, splits: int) -> dict[str, tuple[tuple[int, ...], str]]:
-    """The static scratch buffers a captured decode step reads and writes (one token per row)."""
+def decode_buffers(graph: Graph, batch: int, splits: int, act_elems: int = 0) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The static scratch buffers a captured decode step reads and writes (one token per row); `act_elems`: per
+    token, the quantized linear inputs of a ModelOpt checkpoint (cupy_quant.act_elems)."""
     c, B, dt = graph.config, batch, graph.dtype
     D = c.hidden_size
     out: dict[str, tuple[tuple[int, ...], str]] = {
@@ -235,6 +238,8 @@ def decode_buffers(graph: Graph, batch: int, splits: int) -> dict[str, tuple[tup
             out |= {"lat": ((B, L), dt), "routed_out": ((B, D), dt)}
         if c.n_shared_experts and c.moe_shared_expert_intermediate_size:
             out |= {"sup": ((B, c.moe_shared_expert_intermediate_size), dt), "shared": ((B, D), dt)}
+    if act_elems:
+        out["aq"] = ((B * act_elems,), dt)
     return out
 
 
@@ -440,7 +445,7 @@ class CupyBackend:
     """Implements nemoh.runtime.backend.Backend with CuPy and the kernels in cupy_kernels/."""
 
     name = "cupy"
-    optional_capabilities = ("quant_fp8", "quant_nvfp4", "quant_kv_fp8")
+    optional_capabilities = ("quant_fp8", "quant_nvfp4", "quant_kv_fp8")  # yes at its kernel dtypes
 
     def __init__(self, max_len: int | None = None, cuda_graphs: bool | None = None, compiler: str | None = None):
         self.max_len = int(max_len if max_len is not None else os.environ.get("NEMOH_CUPY_MAX_LEN", 4096))
@@ -456,6 +461,14 @@ class CupyBackend:
         self.p: dict[str, Any] = {}
         self.kernels: dict[str, Any] = {}
         self._dev: Device | None = None
+        # ModelOpt checkpoints (backends/cupy_quant.py): NVFP4 linears kept packed, input quantizers per linear
+        self.packed: dict[str, cq.Packed] = {}
+        self.aq: dict[str, cq.ActQuant] = {}
+        self.kvq: dict[int, tuple[cq.ActQuant, ...]] = {}  # an FP8 KV cache: (k, v) quantizers per attention layer
+        self.quant: dict[str, Any] = {}
+        self._act_elems = 0
+        self._wdense: Any = None  # prefill: one packed linear dequantized for cuBLAS
+        self._aq_static: Any = None  # decode: the quantized inputs' static buffer
 
     @property
     def dev(self) -> Device:
@@ -503,11 +516,8 @@ class CupyBackend:
         return check_graph(graph)
 
     def supports(self, op_kind: str, dtype: str) -> Support:
-        if op_kind == "quant_kv_fp8":
-            return Support.no("the CuPy kernels keep the KV cache at the compute dtype")
-        if op_kind in ("quant_fp8", "quant_nvfp4"):
-            return Support.no("the CuPy kernels read the weights dequantized but do not quantize the linears' "
-                              "inputs (W8A8 / W4A4), so they would compute another model (docs/quantized-formats.md)")
+        if op_kind in ("quant_fp8", "quant_nvfp4", "quant_kv_fp8"):  # backends/cupy_quant.py, cupy_kernels/quant.cu
+            return Support.yes() if dtype in DTYPES else Support.no(f"dtype {dtype}: not a CuPy kernel dtype")
         if op_kind not in OP_KINDS:
             return Support.no(f"unknown op kind {op_kind!r}")
         if dtype not in DTYPES:
@@ -521,6 +531,8 @@ class CupyBackend:
             d["dtype"] = self._graph.dtype
         if self._dev is not None:
             d |= self._dev.describe()
+        if self.quant:
+            d["quantized"] = self.quant
         return d
 
     # -- loading ------------------------------------------------------------------------------
@@ -530,12 +542,34 @@ class CupyBackend:
             raise NemohError(f"cupy backend cannot run this model: {ok.reason}")
         self.init_device(graph.dtype, device)
         self._graph = graph
-        tensors = checkpoint.load(graph)
+        formats = checkpoint.formats(graph)
+        packed = cq.packed_names(formats)
+        stored = checkpoint.stored(graph) if packed else {}
+        tensors = dict(checkpoint.load(graph, [t.name for t in graph.params if t.name not in packed]))
+        scales = {n: (f, s) for n, f in formats.items() if (s := tensors.pop(act_key(n, f), None)) is not None}
+        scales |= {n: (formats[n], s) for n in packed if (s := checkpoint.read_aux(n, "input_scale")) is not None}
+        # an FP8 KV cache (kv_cache_quant_algo): each attention layer's new K and V go through act_fp8 in place
+        kv_of = getattr(checkpoint, "kv_scales", None)  # nemoh-bench's in-memory weights have no quantization
+        kv = {key: checkpoint.read_kv(*where) for key, where in (kv_of(graph) if kv_of else {}).items()}
+        for key in kv:
+            tensors.pop(key, None)
         with self.dev.scope():
             self.p = {k: self._upload(v) for k, v in tensors.items()}
             # derived once: A = -exp(A_log) in fp32, exactly once
             self.A = {l.index: self._upload(-torch.exp(tensors[f"layers.{l.index}.mixer.A_log"].float()))
                       for l in graph.layers if l.kind == "mamba"}
+            self.packed = {}
+            for n in packed:
+                codes, bs, gs = cq.packed_host(stored, n)
+                self.packed[n] = cq.Packed(self.dev.upload(codes), self.dev.upload(bs), gs, *graph.param(n).shape)
+            self.aq = {n: cq.ActQuant(f, cq.ACT_KERNEL[f], self.dev.upload(cq.act_scale(f, s)))
+                       for n, (f, s) in scales.items()}
+            self.kvq = {l.index: tuple(cq.ActQuant("fp8", "act_fp8", self.dev.upload(cq.act_scale("fp8", kv[kv_key(
+                l.index, w)]))) for w in ("k", "v")) for l in graph.layers if kv_key(l.index, "k") in kv}
+            big = max((p.rows * p.cols for p in self.packed.values()), default=0)
+            self._wdense = self._empty((big,), self.dtype) if big else None
+        self._act_elems = cq.act_elems(graph, list(self.aq))
+        self.quant = cq.summary(graph, formats, self.packed, list(self.aq), self.isz) if formats else {}
         self.dev.synchronize()
 
     def init_device(self, dtype: str, device: str | None = None) -> None:
@@ -575,6 +609,13 @@ class CupyBackend:
 
     def read_param(self, name: str) -> torch.Tensor:
         spec = self.graph.param(name)
+        if name in self.packed:  # dequantized by the device's own decoder (nvfp4_dequant)
+            pk = self.packed[name]
+            with self.dev.scope():
+                out = self._empty((pk.rows, pk.cols), self.dtype)
+                self._dequant(pk, out)
+            self.dev.synchronize()
+            return self._download(out, spec.dtype).clone()
         return self._download(self.p[name], spec.dtype).clone()
 
     # -- kernel launch helpers ----------------------------------------------------------------
@@ -598,16 +639,56 @@ class CupyBackend:
             vec = vec_ok(Cc, self.isz, self.dev.addr(w), Cc, self.dev.addr(xs), ldx)
             self._run(kern, launch_gemv(R), w, xs, ldx, ys, ldy, R, Cc, n, int(act), int(vec))
 
+    def _gemv_nvfp4(self, pk: cq.Packed, x: Any, ldx: int, y: Any, ldy: int, M: int, act: bool) -> None:
+        kern, q, s = self._k("gemv_nvfp4"), self._ptr(pk.codes), self._ptr(pk.scales)
+        for st, n in row_chunks(M):
+            xs, ys = self.dev.advance(x, st * ldx, self.isz), self.dev.advance(y, st * ldy, self.isz)
+            vec = self.dev.addr(q) % 8 == 0 and vec_ok(pk.cols, self.isz, self.dev.addr(xs), ldx)
+            self._run(kern, launch_gemv(pk.rows), q, s, pk.gs, xs, ldx, ys, ldy, pk.rows, pk.cols, n, int(act),
+                      int(vec))
+
+    def _dequant(self, pk: cq.Packed, out: Any) -> Any:
+        """NVFP4 linear `pk` dequantized into `out` (dense, row-major), as the GEMV's weights."""
+        n16 = pk.rows * pk.cols // 16
+        self._run(self._k("nvfp4_dequant"), launch_grid_stride(n16, "nvfp4_dequant"), self._ptr(pk.codes),
+                  self._ptr(pk.scales), pk.gs, out, np.int64(n16))
+        return self._ptr(out)
+
+    def _act_quant(self, aq: cq.ActQuant, x: Any, ldx: int, xdiv: int, idx: Any, out: Any, ldo: int, rows: int,
+                   C: int) -> None:
+        """out[i] = the input quantizer of `aq` on row x[i // xdiv], with scale [idx[i]] (idx None: the only
+        one); out may be x (in place)."""
+        self._run(self._k(aq.kernel), _l((rows,), (256,), aq.kernel), x, ldx, xdiv, idx, aq.scale, out, ldo, C)
+
+    def _kv_quant(self, layer: int, k: Any, v: Any, rows: int, C: int) -> None:
+        """An FP8 KV cache: the new K and V rows [rows, C] quantized in place before they are appended."""
+        for aq, buf in zip(self.kvq.get(layer, ()), (k, v)):
+            self._act_quant(aq, buf, C, 1, None, buf, C, rows, C)
+
+    def _has(self, weight: str) -> bool:
+        return weight in self.p or weight in self.packed
+
     def _linear(self, name: str, x: Any, ldx: int, y: Any, ldy: int, M: int, act: bool = False,
                 decode: bool = False) -> None:
         """A linear layer (no bias: check_graph refuses biases). Decode steps and up to 8 rows: the
-        GEMV kernel (capturable, 8 rows per launch); more: cuBLAS, then the squared-ReLU epilogue."""
-        w = self.p[f"{name}.weight"]
-        R, Cc = w.shape
+        GEMV kernel (capturable, 8 rows per launch); more: cuBLAS, then the squared-ReLU epilogue.
+        A quantized checkpoint's input quantizer runs first (into a scratch buffer; a decode step's is
+        static); a packed NVFP4 weight goes to gemv_nvfp4, or is dequantized for cuBLAS."""
+        wname = f"{name}.weight"
+        pk, w = self.packed.get(wname), self.p.get(wname)
+        R, Cc = (pk.rows, pk.cols) if pk is not None else self.p[wname].shape
+        aq = self.aq.get(wname)
+        if aq is not None:
+            xq = self._aq_static if decode else self._empty((M * Cc,), self.dtype)
+            self._act_quant(aq, x, ldx, 1, None, xq, Cc, M, Cc)
+            x, ldx = self._ptr(xq), Cc
         if decode or M <= GEMV_MMAX:
-            self._gemv(self._ptr(w), x, ldx, y, ldy, R, Cc, M, act)
+            if pk is not None:
+                self._gemv_nvfp4(pk, x, ldx, y, ldy, M, act)
+            else:
+                self._gemv(self._ptr(w), x, ldx, y, ldy, R, Cc, M, act)
             return
-        self._gemm(x, ldx, self._ptr(w), y, ldy, M, R, Cc)
+        self._gemm(x, ldx, self._dequant(pk, self._wdense) if pk is not None else self._ptr(w), y, ldy, M, R, Cc)
         if act:
             if ldy != R:
                 raise NemohError(f"{name}: the squared-ReLU epilogue needs a dense output")
@@ -821,6 +902,7 @@ class CupyBackend:
         q, kn, vn = (self._empty((M, n * Dh), self.dtype) for n in (Q, KV, KV))
         for name, buf, n in (("q_proj", q, Q), ("k_proj", kn, KV), ("v_proj", vn, KV)):
             self._linear(pre + name, self._ptr(h), D, self._ptr(buf), n * Dh, M)
+        self._kv_quant(i, kn, vn, M, KV * Dh)
         self._run(self._k("kv_append"), _l((B * T,), (128,), "kv_append"), kn, vn, KV * Dh, st.k[i], st.v[i],
                   st.kmask, mask_d, len_p, T, st.max_len, KV * Dh)
         att = self._empty((M, Q * Dh), self.dtype)
@@ -838,7 +920,7 @@ class CupyBackend:
         """Squared-ReLU MLP; `up`/`out` given = a decode step's static buffers."""
         c = self.graph.config
         D = c.hidden_size
-        I = self.p[pre + "up_proj.weight"].shape[0]
+        I = self.graph.param(pre + "up_proj.weight").shape[0]
         decode = up is not None
         up = up if up is not None else self._empty((M, I), self.dtype)
         self._linear(pre + "up_proj", self._ptr(h), D, self._ptr(up), I, M, act=True, decode=decode)
@@ -873,10 +955,17 @@ class CupyBackend:
         up, down = self.p[pre + "experts.up_proj"], self.p[pre + "experts.down_proj"]
         eup, edn = buf("eup", (M * k, I)), buf("edown", (M * k, L))
         routed = buf("routed", (M, L))
+        aq_up, aq_dn = self.aq.get(pre + "experts.up_proj"), self.aq.get(pre + "experts.down_proj")
         if dec is not None or M <= GEMV_MMAX:
-            vu = vec_ok(L, self.isz, self.dev.addr(self._ptr(up)), L, self.dev.addr(self._ptr(xin)), L)
-            self._run(self._k("moe_gemv"), launch_gemv(I, M * k, "moe_gemv"), up, idx_d, xin, L, k, eup, I, L, 1,
+            xs, xdiv = xin, k
+            if aq_up is not None:  # one quantized row per (token, expert) pair, with that expert's input scale
+                xs, xdiv = self._aq_static if dec is not None else self._empty((M * k * L,), self.dtype), 1
+                self._act_quant(aq_up, xin, L, k, idx_d, xs, L, M * k, L)
+            vu = vec_ok(L, self.isz, self.dev.addr(self._ptr(up)), L, self.dev.addr(self._ptr(xs)), L)
+            self._run(self._k("moe_gemv"), launch_gemv(I, M * k, "moe_gemv"), up, idx_d, xs, L, xdiv, eup, I, L, 1,
                       int(vu))
+            if aq_dn is not None:
+                self._act_quant(aq_dn, eup, I, 1, idx_d, eup, I, M * k, I)
             vd = vec_ok(I, self.isz, self.dev.addr(self._ptr(down)), I, self.dev.addr(self._ptr(eup)), I)
             self._run(self._k("moe_gemv"), launch_gemv(L, M * k, "moe_gemv"), down, idx_d, eup, I, 1, edn, L, I, 0,
                       int(vd))
@@ -891,6 +980,9 @@ class CupyBackend:
             pos = self.dev.upload(pos_h.astype(np.int32))
             xg = self._empty((M * k, L), self.dtype)
             self._run(self._k("gather_rows"), _l((M * k,), (256,), "gather_rows"), xin, rows, xg, L)
+            eid = self.dev.upload(flat[order].astype(np.int32)) if aq_up or aq_dn else None  # sorted pairs' experts
+            if aq_up is not None:
+                self._act_quant(aq_up, xg, L, 1, eid, xg, L, M * k, L)
             start = 0
             for e, n in enumerate(counts.tolist()):
                 if n:
@@ -898,6 +990,8 @@ class CupyBackend:
                                n, I, L)
                 start += n
             self._run(self._k("relu2"), launch_grid_stride(M * k * I, "relu2"), eup, np.int64(M * k * I))
+            if aq_dn is not None:
+                self._act_quant(aq_dn, eup, I, 1, eid, eup, I, M * k, I)
             start = 0
             for e, n in enumerate(counts.tolist()):
                 if n:
@@ -911,7 +1005,7 @@ class CupyBackend:
         if c.moe_latent_size is not None:
             out = buf("routed_out", (M, D))
             self._linear(pre + "fc2_latent_proj", self._ptr(routed), L, self._ptr(out), D, M, decode=dec is not None)
-        if pre + "shared_experts.up_proj.weight" in self.p:
+        if self._has(pre + "shared_experts.up_proj.weight"):
             sh = self._mlp(pre + "shared_experts.", h, M, rec, up=dec["sup"] if dec else None,
                            out=dec["shared"] if dec else None)
             total = buf("out", (M, D))
@@ -928,7 +1022,7 @@ class CupyBackend:
         if st.dec is not None and st.splits == splits:
             return
         st.dec = {name: self._zeros(shape, dt) for name, (shape, dt) in
-                  decode_buffers(self.graph, st.batch, splits).items()}
+                  decode_buffers(self.graph, st.batch, splits, self._act_elems).items()}
         st.splits = splits
         st.epoch += 1
 
@@ -969,6 +1063,7 @@ class CupyBackend:
         st.dec["logits"]; only static buffers, so the same launches can be captured as a graph."""
         g, c, d = self.graph, self.graph.config, self._dec(st)
         B, D = st.batch, c.hidden_size
+        self._aq_static = d.get("aq")  # where a quantized checkpoint's linear inputs go: static, capturable
         ids_p, mask_p, len_p = self._ptr(st.ctrl), self._ptr(st.ctrl, B), self._ptr(st.ctrl, 2 * B)
         x, h = d["x"], d["h"]
         self._run(self._k("embedding"), _l((B,), (256,), "embedding"), ids_p, self.p["embeddings.weight"], x, D,
@@ -1010,6 +1105,7 @@ class CupyBackend:
                 Q, KV, Dh = a["heads"], a["kv_heads"], a["head_dim"]
                 for name, buf, n in (("q_proj", "q", Q), ("k_proj", "k", KV), ("v_proj", "v", KV)):
                     self._linear(pre + name, self._ptr(h), D, self._ptr(d[buf]), n * Dh, B, decode=True)
+                self._kv_quant(i, d["k"], d["v"], B, KV * Dh)
                 self._run(self._k("kv_append"), _l((B,), (128,), "kv_append"), d["k"], d["v"], KV * Dh, st.k[i],
                           st.v[i], st.kmask, mask_p, len_p, 1, st.max_len, KV * Dh)
                 self._run(self._k("attn_decode_split"), _l((st.splits, KV, B), (128,), "attn_decode_split"), d["q"],

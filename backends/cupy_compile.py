@@ -47,6 +47,7 @@ KERNELS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "attention.cu": (("kv_append", "attn_prefill", "attn_decode_split", "attn_decode_combine"), ()),
     "moe.cu": (("moe_router", "moe_gemv", "moe_combine"), ()),
     "linear.cu": (("gemv", "relu2", "add", "gather_rows"), ()),
+    "quant.cu": (("gemv_nvfp4", "nvfp4_dequant", "act_nvfp4", "act_fp8"), ()),
 }
 
 #: kernel stem -> its parameter list exactly as the .cu source declares it, `T` being the compute
@@ -87,6 +88,11 @@ SIGNATURES: dict[str, str] = {
     "relu2": "T* x, i64 n",
     "add": "const T* a, const T* b, T* out, i64 n",
     "gather_rows": "const T* src, const int* rows, T* out, int D",
+    "gemv_nvfp4": "const unsigned char* Wq, const unsigned char* Ws, float gs, const T* x, int ldx, T* y, int ldy, "
+                  "int R, int Cc, int M, int act, int vec",
+    "nvfp4_dequant": "const unsigned char* Wq, const unsigned char* Ws, float gs, T* W, i64 nb16",
+    "act_nvfp4": "const T* x, int ldx, int xdiv, const int* idx, const float* g, T* out, int ldo, int C",
+    "act_fp8": "const T* x, int ldx, int xdiv, const int* idx, const float* sc, T* out, int ldo, int C",
 }
 
 #: the architectures CI compiles for (A100 and H100/H200)

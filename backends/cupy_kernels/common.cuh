@@ -88,3 +88,45 @@ __device__ __forceinline__ float warp_dot(const T* __restrict__ w, const T* __re
     }
     return warp_sum(acc);
 }
+
+// ModelOpt FP8 / NVFP4 number formats in plain code (no cuda_fp8.h: NVRTC and the CPU emulator alike).
+// e4m3 (float8_e4m3fn): sign, 4 exponent bits (bias 7), 3 mantissa bits, no infinities, max 448,
+// subnormals in steps of 2^-9. e2m1: codes 0..7 = 0, 0.5, 1, 1.5, 2, 3, 4, 6; bit 3 the sign.
+
+// one e4m3 byte -> its exact value (0x7f / 0xff: NaN)
+__device__ __forceinline__ float e4m3_to_f(unsigned b) {
+    const unsigned e = (b >> 3) & 15u, m = b & 7u;
+    float v = e ? __int_as_float((int)(((e + 120u) << 23) | (m << 20))) : (float)m * 0.001953125f;
+    if (e == 15u && m == 7u) v = __int_as_float(0x7fc00000);
+    return (b & 0x80u) ? -v : v;
+}
+
+// x rounded to the nearest e4m3 value, ties to even (subnormals included). Callers clamp to +-448 first
+// (the format has no value between 448 and the NaN at 480).
+__device__ __forceinline__ float e4m3_round(float x) {
+    const float a = fabsf(x);
+    const int ea = ((__float_as_int(a) >> 23) & 255) - 127;
+    const int e = ea < -6 ? -6 : ea;                                  // e4m3's smallest normal exponent: -6
+    const float step = __int_as_float((e - 3 + 127) << 23);          // 3 mantissa bits: 2^(e-3), >= 2^-9
+    return copysignf(rintf(a / step) * step, x);                     // a / step: exact (a power of two)
+}
+
+// e2m1 magnitude of code i (0..7): 0, 0.5, then (1 + m/2) * 2^(e-1), e = i >> 1, m = i & 1. Arithmetic, not a
+// table: a dynamically indexed array would live in local memory
+__device__ __forceinline__ float e2m1_mag(unsigned i) {
+    return i < 2u ? 0.5f * (float)i : (1.f + 0.5f * (float)(i & 1u)) * __int_as_float((int)((126u + (i >> 1)) << 23));
+}
+
+// e2m1 code (low 4 bits) -> value
+__device__ __forceinline__ float e2m1_to_f(unsigned c) {
+    const float v = e2m1_mag(c & 7u);
+    return (c & 8u) ? -v : v;
+}
+
+// |y| clamped to 6 and rounded to an e2m1 magnitude, ties to even (0.25 -> 0, 0.75 -> 1, 1.25 -> 1,
+// 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4), the sign of y kept: torch_backend's bucketize over the midpoints
+__device__ __forceinline__ float e2m1_round(float y) {
+    const float a = fminf(fabsf(y), 6.f);
+    const int i = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) + (a >= 3.5f) + (a > 5.f);
+    return copysignf(e2m1_mag((unsigned)i), y);
+}

@@ -20,6 +20,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from quant_kernel_checks import QUANT_KERNEL_CASES
 
 from nemoh import oracle
 from nemoh.backends import cupy_backend as cb
@@ -408,6 +409,7 @@ KERNEL_CASES = [
     (check_attention_prefill, dict(S=40, T=20, Q=16, KV=1, Dh=128)),
     (check_attention_decode, dict(S=70, splits=2, Smax=128, Q=16, KV=1, Dh=128)),
     (check_moe_router_and_experts, dict(n_group=8, topk_group=4, k=6, E=128)),
+    *QUANT_KERNEL_CASES,  # quant.cu: tests/backends/quant_kernel_checks.py
 ]
 
 

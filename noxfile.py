@@ -190,7 +190,7 @@ def llamacpp(session: nox.Session) -> None:
         return
     # the ModelOpt presets (issue 20), judged against the quantized fp64 oracle, the quant suite against the
     # original: FP8 converts (weight-only: FAILs by design), NVFP4 is refused by the converter (exit 3: every
-    # case NOT_SUPPORTED with its line). ~1 min on 2 cores, most of it writing the presets
+    # case NOT_SUPPORTED with its line). ~2.5 min on 2 cores with an empty cache, most of it writing the presets
     quant = session.run("python", "-c", "from nemoh.model.presets import QUANT_SPECS; print(' '.join(QUANT_SPECS))",
                         silent=True).split()
     for preset in quant:

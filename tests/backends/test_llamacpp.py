@@ -398,3 +398,58 @@ def test_finding_modelopt_nvfp4_refused_by_the_converter_is_not_supported(source
                           "ValueError: cannot reshape array"), msg
     assert "not a multiple of 64, first layers.0.mixer.out_proj.weight: 96" in msg and "\n" not in msg
     assert report["summary"]["exit_code"] == 3  # nothing was checked
+
+
+def _q8_0(x, fmt, input_scale, opts=None):
+    """ggml's quantize_row_q8_0, dequantized: per 32 elements d = amax / 127 (stored fp16), q = roundf(x / d)."""
+    xb = x.to(torch.float64).unflatten(-1, (-1, 32))
+    d = (xb.abs().amax(-1, keepdim=True) / 127.0).to(torch.float32)
+    v = xb.to(torch.float32) * torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.sign(v) * torch.floor(v.abs() + 0.5)
+    return (q.double() * d.half().double()).flatten(-2).to(x.dtype)
+
+
+@needs_llamacpp
+def test_finding_modelopt_nvfp4_runs_nvfp4_weights_times_q8_0_activations(source, monkeypatch):
+    """tiny-nvfp4-64 (every NVFP4 row a multiple of 64) converts: 16 NVFP4 tensors, weight_scale_2 as
+    '<t>.scale', input_scale as '<t>.input_scale' (loaded, never applied). The GGUF's weights x .scale are
+    bit-equal to nemoh's exact dequantization, and llama.cpp computes NVFP4 weights times Q8_0-quantized
+    activations: equal to the fp64 oracle with nemoh's activation quantizer replaced by ggml's Q8_0 (T=7), not
+    the weight-only reading and far from W4A4 (measured KL 0.347 at T=7, 0.759 at T=165, docs/llamacpp.md)."""
+    from dataclasses import replace
+
+    from nemoh import oracle
+    from nemoh.backends.llamacpp_gguf import GgufTensors
+    from nemoh.conformance.tolerances import TOLERANCES
+    from nemoh.model.ir import build_graph
+    from nemoh.model.presets import resolve_model
+    from nemoh.oracle import interpreter, ops
+    from nemoh.oracle.ops import DEFAULT_QUANT
+    from nemoh.runtime.session import open_model
+
+    m = open_model(str(resolve_model("tiny-nvfp4-64")), "llamacpp", "float32")
+    try:
+        be, ck, g = m.backend, m.checkpoint, m.graph
+        types = GgufTensors(be.gguf).types()
+        nv = sorted(n for n, t in types.items() if t == "NVFP4")
+        assert len(nv) == 16 and all(n.endswith(".weight") for n in nv)
+        for n in nv:
+            stem = n.removesuffix(".weight")
+            assert types[stem + ".scale"] == "F32" and types[stem + ".input_scale"] == "F32", n
+        for name, fmt in ck.formats(g).items():
+            ref = be.param_transform(name, ck.dequantized(name, fmt)).float()
+            assert torch.equal(be.read_param(name).reshape(ref.shape), ref), name
+        g64 = build_graph(g.config, "float64")
+        params = ck.load(g64)
+        ids = torch.randint(4, g.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(31))
+        out = be.forward(be.new_state(2), ids)
+        w4a4 = oracle.run(g64, params, ids)
+        weight_only = oracle.run(g64, params, ids, qopts=replace(DEFAULT_QUANT, act_quant=False))
+        monkeypatch.setattr(ops, "quant_act", _q8_0)
+        monkeypatch.setattr(interpreter, "quant_act", _q8_0)
+        q8 = oracle.run(g64, params, ids)
+    finally:
+        m.backend.close()
+    assert rel_max_abs(out, q8) <= TOLERANCES[("logits_rel_max_abs", "float32")].value
+    assert rel_max_abs(out, weight_only) > 1e-3  # measured 0.016: Q8_0 activations, not unquantized ones
+    assert kl_stats(w4a4, out)["kl"] > 0.05 and rel_max_abs(out, w4a4) > 0.05

@@ -173,8 +173,8 @@ def llamacpp(session: nox.Session) -> None:
     """llama.cpp's own Nemotron-H port under test, through llama-cpp-python built from source for the CPU
     (its build dominates: see docs/llamacpp.md), then its tests and the conformance of tiny-moe (or the
     presets given: `nox -s llamacpp -- tiny-nano-30b tiny-8b`) at F32 and at Q8_0 and Q4_K_M with the
-    quant suite, into artifacts/llamacpp/. `--isolate` on purpose: a GGML_ASSERT in llama.cpp must fail
-    its case, not end the run. A FAIL found in llama.cpp is a result: it does not fail the session."""
+    quant suite, then (without presets given) the ModelOpt presets at F32, into artifacts/llamacpp/.
+    `--isolate` on purpose: a GGML_ASSERT in llama.cpp must fail its case, not end the run. A FAIL found in llama.cpp is a result: it does not fail the session."""
     session.install(TORCH)
     session.install("-e", ".[test,llamacpp]", env={
         "CMAKE_ARGS": "-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF",
@@ -187,6 +187,18 @@ def llamacpp(session: nox.Session) -> None:
             session.run("nemoh", "conformance", "--model", preset, "--backend", backend, "--dtype", "float32",
                         "--isolate", "--json", str(out / f"{preset}.{backend}.json"),
                         "--html", str(out / f"{preset}.{backend}.html"), "--no-progress", success_codes=[0, 1])
+    if session.posargs:
+        return
+    # the ModelOpt presets (issue 20), judged against the quantized fp64 oracle, the quant suite against the
+    # original: FP8 converts (weight-only: FAILs by design), NVFP4 with rows not a multiple of 64 is refused by the
+    # converter (exit 3: every case NOT_SUPPORTED with its line), tiny-nvfp4-64 converts and runs NVFP4 weights x
+    # Q8_0 activations (FAILs logits by design). ~2.5 min on 2 cores with an empty cache, most of it writing the presets
+    quant = session.run("python", "-c", "from nemoh.model.presets import QUANT_SPECS; print(' '.join(QUANT_SPECS))",
+                        silent=True).split()
+    for preset in quant:
+        session.run("nemoh", "conformance", "--model", preset, "--backend", "llamacpp", "--dtype", "float32",
+                    "--isolate", "--json", str(out / f"{preset}.llamacpp.json"),
+                    "--html", str(out / f"{preset}.llamacpp.html"), "--no-progress", success_codes=[0, 1, 3])
 
 
 #: the transformers versions the reference is tested on: the oldest the pin allows (5.17.0; 5.3.0, the first with

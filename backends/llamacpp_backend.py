@@ -45,7 +45,8 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from nemoh.runtime.backend import BackendBase, Support
+from nemoh.backends.llamacpp_modelopt import modelopt_hint, modelopt_reading
+from nemoh.runtime.backend import BackendBase, ModelNotSupported, Support
 
 if TYPE_CHECKING:
     from nemoh.model.ir import Graph
@@ -276,8 +277,18 @@ class LlamaCppBackend(BackendBase):
         wt = self.weight_type(graph.dtype)
         self.gguf = None
         self._reader = None
+        quant = getattr(checkpoint, "quant", None)
         with self.at("convert_hf_to_gguf"):
-            self.gguf = conv.ensure_gguf(Path(directory), wt, quantize=lambda s, d, f: self._call("quantize", s, d, f))
+            try:
+                self.gguf = conv.ensure_gguf(Path(directory), wt,
+                                             quantize=lambda s, d, f: self._call("quantize", s, d, f))
+            except conv.ConversionError as e:
+                if quant is None:
+                    raise
+                # llama.cpp's own converter refuses this ModelOpt checkpoint: llama.cpp cannot run it at all
+                raise ModelNotSupported(f"llama.cpp's convert_hf_to_gguf.py does not convert this ModelOpt "
+                                        f"{quant.algo} checkpoint: {e.last_line}{modelopt_hint(checkpoint, graph)}"
+                                        ) from None
         self._gen += 1
         self._free, self._pending = list(range(self.opts["n_seq_max"])), []
         with self.at("llama_model_load_from_file"):
@@ -452,7 +463,11 @@ class LlamaCppBackend(BackendBase):
 
                 from nemoh.backends.llamacpp_gguf import GgufTensors
 
-                d["tensor_types"] = dict(Counter(GgufTensors(self.gguf).types().values()))
+                types = GgufTensors(self.gguf).types()
+                d["tensor_types"] = dict(Counter(types.values()))
+                q = getattr(getattr(self, "checkpoint", None), "quant", None)
+                if q is not None:
+                    d["modelopt"] = modelopt_reading(q.algo, types)
         if self.info:
             d["system_info"] = self.info.get("system_info", "")
         if getattr(self, "model_info", None):

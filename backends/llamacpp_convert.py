@@ -50,7 +50,11 @@ KNOWN_COMMITS = {"0.3.36": "0c1e57098bba43ac29e6e3b677cdceebdd22334f"}
 
 
 class ConversionError(RuntimeError):
-    pass
+    """The conversion failed; `last_line` is the converter's own last line (its exception), when it ran."""
+
+    def __init__(self, message: str, last_line: str = ""):
+        super().__init__(message)
+        self.last_line = last_line or (message.strip().splitlines() or [""])[-1]
 
 
 def cache_root() -> Path:
@@ -256,9 +260,9 @@ def convert(checkpoint_dir: Path, wtype: str, out: Path) -> Path:
         cmd = [sys.executable, "-c", code, str(ov), "--outfile", str(tmp_out), "--outtype", CONVERTER_TYPES[wtype]]
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=d, env=env)
         if r.returncode or not tmp_out.is_file():
-            tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-6:])
+            lines = [ln for ln in (r.stderr or r.stdout).strip().splitlines() if ln.strip()]
             raise ConversionError(f"llama.cpp's convert_hf_to_gguf.py failed on {checkpoint_dir} "
-                                  f"({wtype}):\n{tail}")
+                                  f"({wtype}):\n" + "\n".join(lines[-6:]), (lines[-1:] or [""])[0].strip())
         tmp_out.replace(out)
         (out.parent / f"convert-{wtype}.log").write_text(r.stderr)
     return out

@@ -72,8 +72,15 @@ class GgufTensors:
         return torch.from_numpy(np.array(g.quants.dequantize(t.data, qt), dtype=np.float32).reshape(shape))
 
     def read_param(self, name: str, graph) -> torch.Tensor:
-        """The tensor in nemoh's name and shape (A_log in llama.cpp's form, -exp(A_log))."""
-        t = self.raw(gguf_name(name))
+        """The tensor in nemoh's name and shape (A_log in llama.cpp's form, -exp(A_log)); a quantized tensor
+        with a `.scale` companion (ModelOpt NVFP4's weight_scale_2, per expert for stacked experts) times it, as
+        llama.cpp's graph multiplies it after the matmul."""
+        gname = gguf_name(name)
+        t = self.raw(gname)
+        scale = gname.removesuffix(".weight") + ".scale"
+        if gname.endswith(".weight") and scale in self.by_name and self.types()[gname] not in ("F32", "F16", "BF16"):
+            s = self.raw(scale).reshape(-1)
+            t = t * (s if s.numel() == 1 else s.reshape(-1, *[1] * (t.dim() - 1)))
         want = next((tuple(p.shape) for p in graph.params if p.name == name), None)
         if want is not None and tuple(t.shape) != want:
             if t.numel() != int(np.prod(want)):

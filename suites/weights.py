@@ -21,11 +21,16 @@ def run(case: Case, ctx) -> Result:
     loaded = {t.name: be.read_param(t.name) for t in ctx.graph.params}
     # a backend that stores a tensor transformed (llama.cpp's GGUF holds -exp(A_log)) says how
     transform = getattr(be, "param_transform", None)
+    formats = ck.formats(ctx.graph) if ck.quant is not None else {}
+
+    def file_tensor(name: str) -> torch.Tensor:  # a quantized linear dequantized exactly (fp64), else as stored
+        return ck.dequantized(name, formats[name]) if name in formats else ck.read(name)
+
     exact = capability(ctx.model.backend, "param_bit_equal", ctx.dtype)
     if not exact.ok:  # quantized weights: measure how far each tensor moved, judge nothing here
         errs = {}
         for name, t in loaded.items():
-            ref = ck.read(name).double()
+            ref = file_tensor(name).double()
             ref = transform(name, ref).double() if transform else ref
             den = ref.pow(2).mean().sqrt().item() or 1.0
             errs[name] = (t.double().reshape(ref.shape) - ref).pow(2).mean().sqrt().item() / den
@@ -37,7 +42,7 @@ def run(case: Case, ctx) -> Result:
     else:
         bad = []
         for name, t in loaded.items():
-            ref = transform(name, ck.read(name)).to(t.dtype)
+            ref = transform(name, file_tensor(name)).to(t.dtype)
             if ref.shape != t.shape or not torch.equal(bit_pattern(ref), bit_pattern(t.detach().cpu())):
                 bad.append(name)
     n = len(loaded)

@@ -16,6 +16,7 @@ from nemoh.conformance.localise import localise
 from nemoh.conformance.references import Ctx
 from nemoh.conformance.summary import summarize
 from nemoh.errors import NemohError, did_you_mean
+from nemoh.runtime.backend import ModelNotSupported
 from nemoh.runtime.registry import optional_hint
 
 # ----------------------------------------------------------------------------------------------
@@ -48,12 +49,20 @@ FAULTHANDLER_GRACE = 30.0
 def load_failed_result(case: Case, kind: str, reason: str, source: str) -> Result:
     if kind == "missing":
         return Result(case, Status.NOT_SUPPORTED, message=reason, details={"error_source": "environment"})
+    if kind == "unsupported":  # the backend read the checkpoint and cannot run it (ModelNotSupported)
+        return Result(case, Status.NOT_SUPPORTED, message=reason, details={"error_source": source, "error_kind": "load"})
     who = "backend failed to load" if source == "backend" else f"loading the model failed ({source}, not the backend)"
     return Result(case, Status.FAIL, message=f"{who}: {reason}", details={"error_source": source, "error_kind": "load"})
 
 
 def load_failure(e: BaseException, backend: Any) -> tuple[str, str, str]:
-    """("missing", reason, "environment") for a missing optional package, else ("fail", "Type: message", source)."""
+    """("missing", reason, "environment") for a missing optional package, ("unsupported", reason, "backend") for a
+    backend's ModelNotSupported, else ("fail", "Type: message", source)."""
+    cur: BaseException | None = e
+    while cur is not None:
+        if isinstance(cur, ModelNotSupported):
+            return "unsupported", str(cur), "backend"
+        cur = cur.__cause__
     missing = missing_module(e)
     hint = optional_hint(missing)
     if missing and hint:

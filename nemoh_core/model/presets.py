@@ -335,6 +335,13 @@ QUANT_SPECS: dict[str, QuantSpec] = {q.name: q for q in (
     QuantSpec("tiny-wide-nvfp4", "tiny-dense widened to rows of 256-512 (16-32 NVFP4 blocks a row), NVFP4 but "
               "lm_head and the attention layer", "tiny-dense", "NVFP4", ("lm_head", "backbone.layers.3.mixer.*"),
               {"hidden_size": 256, "intermediate_size": 512}),
+    QuantSpec("tiny-nvfp4-64", "tiny-moe with every quantized row a multiple of 64 wide (ggml's NVFP4 block: "
+              "d_inner 128, attention 4 x 16, experts 64, shared expert 128), NVFP4, excluded as NVIDIA's Nano "
+              "NVFP4 release: lm_head, the attention layer and the Mamba layer before it", "tiny-moe", "NVFP4",
+              ("lm_head", "backbone.layers.2.mixer.in_proj", "backbone.layers.2.mixer.out_proj",
+               "backbone.layers.3.mixer.*_proj"),
+              {"mamba_num_heads": 8, "head_dim": 16, "intermediate_size": 64, "moe_intermediate_size": 64,
+               "moe_shared_expert_intermediate_size": 128}),
 )}
 ORIGINAL_SUFFIX = ".original"  # the unquantized original of a quantized preset whose base config it overrides
 

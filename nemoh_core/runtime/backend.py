@@ -128,6 +128,12 @@ def protocol_methods() -> list[str]:
     return [n for n, v in vars(Backend).items() if callable(v) and not n.startswith("_")]
 
 
+class ModelNotSupported(Exception):
+    """Raised by a backend's `load` when, having read the checkpoint, it finds it cannot run this model at all:
+    what `supports_graph` cannot know from the graph alone (e.g. an engine's own converter refuses the file).
+    `str(err)` is the reason, one line; the model's cases are NOT_SUPPORTED with it, not FAIL."""
+
+
 class BackendError(Exception):
     """A backend's own method failed. Charged to the backend, never to the harness.
 
@@ -159,7 +165,7 @@ def _wrap(method):
         self._nemoh_in_call, self._nemoh_at = True, ""
         try:
             return method(self, *args, **kw)
-        except (NemohError, BackendError):
+        except (NemohError, BackendError, ModelNotSupported):
             raise
         except Exception as e:
             graph = getattr(self, "graph", None)

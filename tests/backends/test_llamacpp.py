@@ -308,3 +308,148 @@ def test_finding_quantized_moe_prefill_depends_on_the_micro_batch(ckpt, source, 
             be.close()
     assert out[1] == [0.0, 0.0]
     assert all(0.0 <= d < 1.0 for d in out[2048]), out  # 0.020-0.058 measured first, 0.0 in a later CI run
+
+
+# -- ModelOpt FP8 / NVFP4 checkpoints (issue 20; findings in docs/quantized-formats.md) ---------------
+
+def test_a_backend_that_cannot_run_a_model_is_not_supported_not_fail():
+    """ModelNotSupported raised by a backend's load (through the error wrapper) makes the cases NOT_SUPPORTED
+    with its one-line reason; any other load error stays a FAIL (no llama.cpp needed)."""
+    from nemoh.conformance.case import Case, Status
+    from nemoh.conformance.execute import load_failed_result, load_failure
+    from nemoh.runtime.backend import BackendBase, ModelNotSupported
+
+    class Refusing(BackendBase):
+        name = "refusing"
+
+        def load(self, graph, checkpoint, *, device=None):
+            raise ModelNotSupported("the engine's converter refuses this file: ValueError: bad rows")
+
+    class Broken(Refusing):
+        def load(self, graph, checkpoint, *, device=None):
+            raise ValueError("bad rows")
+
+    case = Case("logits", "x", ())
+    for be, status in ((Refusing(), Status.NOT_SUPPORTED), (Broken(), Status.FAIL)):
+        with pytest.raises(Exception) as err:
+            be.load(None, None)
+        kind, reason, source = load_failure(err.value, be)
+        res = load_failed_result(case, kind, reason, source)
+        assert res.status is status, (kind, reason)
+        assert "bad rows" in res.message and "\n" not in res.message
+
+
+@pytest.fixture(scope="module")
+def fp8(source):
+    from nemoh.model.presets import resolve_model
+    from nemoh.runtime.session import open_model
+
+    m = open_model(str(resolve_model("tiny-moe-fp8")), "llamacpp", "float32")
+    yield m
+    m.backend.close()
+
+
+@needs_llamacpp
+def test_finding_modelopt_fp8_runs_weight_only(fp8):
+    """llama.cpp's converter dequantizes ModelOpt FP8 weights exactly (weight x weight_scale in fp32: bit-equal
+    to nemoh's exact dequantization cast to fp32) and drops every input_scale, so llama.cpp computes the
+    weight-only reading: equal to the oracle with activations left unquantized within the fp32 tolerance, and
+    far from the W8A8 meaning (measured KL 0.164 at B=2, T=165, seed 31: the 'activations not quantized' row)."""
+    from dataclasses import replace
+
+    from nemoh import oracle
+    from nemoh.backends.llamacpp_gguf import GgufTensors
+    from nemoh.conformance.tolerances import TOLERANCES
+    from nemoh.model.ir import build_graph
+    from nemoh.oracle.ops import DEFAULT_QUANT
+
+    be, ck = fp8.backend, fp8.checkpoint
+    types = GgufTensors(be.gguf).types()
+    assert set(types.values()) == {"F32"} and not [n for n in types if "scale" in n]
+    assert "dropped" in be.describe()["modelopt"]["activations"]
+    for name, fmt in ck.formats(fp8.graph).items():
+        ref = be.param_transform(name, ck.dequantized(name, fmt)).float()
+        assert torch.equal(be.read_param(name).reshape(ref.shape), ref), name
+    g = fp8.graph
+    g64 = build_graph(g.config, "float64")
+    params = ck.load(g64)
+    ids = torch.randint(4, g.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(31))
+    out = be.forward(be.new_state(2), ids)
+    weight_only = oracle.run(g64, params, ids, qopts=replace(DEFAULT_QUANT, act_quant=False))
+    w8a8 = oracle.run(g64, params, ids)
+    assert rel_max_abs(out, weight_only) <= TOLERANCES[("logits_rel_max_abs", "float32")].value
+    far = kl_stats(w8a8, out)
+    assert far["kl"] > 1e-3 and rel_max_abs(out, w8a8) > 0.05, far
+
+
+@needs_llamacpp
+@pytest.mark.parametrize("isolate", [False, True])
+def test_finding_modelopt_nvfp4_refused_by_the_converter_is_not_supported(source, isolate):
+    """tiny-wide-nvfp4's Mamba out_proj reads rows of 96: the converter's _nvfp4_pack reshapes every NVFP4 row
+    into ggml's 64-element super-blocks and raises. Every llama.cpp case is NOT_SUPPORTED with that line."""
+    from nemoh.conformance.runner import run_conformance
+
+    report = run_conformance("tiny-wide-nvfp4", ["llamacpp"], ["float32"], ["logits"], progress=False,
+                             deviations=False, isolate=isolate)
+    results = report["runs"][0]["results"]
+    assert results and {r["status"] for r in results} == {"NOT_SUPPORTED"}, [(r["id"], r["status"]) for r in results]
+    msg = results[0]["message"]
+    assert msg.startswith("llama.cpp's convert_hf_to_gguf.py does not convert this ModelOpt NVFP4 checkpoint: "
+                          "ValueError: cannot reshape array"), msg
+    assert "not a multiple of 64, first layers.0.mixer.out_proj.weight: 96" in msg and "\n" not in msg
+    assert report["summary"]["exit_code"] == 3  # nothing was checked
+
+
+def _q8_0(x, fmt, input_scale, opts=None):
+    """ggml's quantize_row_q8_0, dequantized: per 32 elements d = amax / 127 (stored fp16), q = roundf(x / d)."""
+    xb = x.to(torch.float64).unflatten(-1, (-1, 32))
+    d = (xb.abs().amax(-1, keepdim=True) / 127.0).to(torch.float32)
+    v = xb.to(torch.float32) * torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.sign(v) * torch.floor(v.abs() + 0.5)
+    return (q.double() * d.half().double()).flatten(-2).to(x.dtype)
+
+
+@needs_llamacpp
+def test_finding_modelopt_nvfp4_runs_nvfp4_weights_times_q8_0_activations(source, monkeypatch):
+    """tiny-nvfp4-64 (every NVFP4 row a multiple of 64) converts: 16 NVFP4 tensors, weight_scale_2 as
+    '<t>.scale', input_scale as '<t>.input_scale' (loaded, never applied). The GGUF's weights x .scale are
+    bit-equal to nemoh's exact dequantization, and llama.cpp computes NVFP4 weights times Q8_0-quantized
+    activations: equal to the fp64 oracle with nemoh's activation quantizer replaced by ggml's Q8_0 (T=7), not
+    the weight-only reading and far from W4A4 (measured KL 0.347 at T=7, 0.759 at T=165, docs/llamacpp.md)."""
+    from dataclasses import replace
+
+    from nemoh import oracle
+    from nemoh.backends.llamacpp_gguf import GgufTensors
+    from nemoh.conformance.tolerances import TOLERANCES
+    from nemoh.model.ir import build_graph
+    from nemoh.model.presets import resolve_model
+    from nemoh.oracle import interpreter, ops
+    from nemoh.oracle.ops import DEFAULT_QUANT
+    from nemoh.runtime.session import open_model
+
+    m = open_model(str(resolve_model("tiny-nvfp4-64")), "llamacpp", "float32")
+    try:
+        be, ck, g = m.backend, m.checkpoint, m.graph
+        types = GgufTensors(be.gguf).types()
+        nv = sorted(n for n, t in types.items() if t == "NVFP4")
+        assert len(nv) == 16 and all(n.endswith(".weight") for n in nv)
+        for n in nv:
+            stem = n.removesuffix(".weight")
+            assert types[stem + ".scale"] == "F32" and types[stem + ".input_scale"] == "F32", n
+        for name, fmt in ck.formats(g).items():
+            ref = be.param_transform(name, ck.dequantized(name, fmt)).float()
+            assert torch.equal(be.read_param(name).reshape(ref.shape), ref), name
+        g64 = build_graph(g.config, "float64")
+        params = ck.load(g64)
+        ids = torch.randint(4, g.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(31))
+        out = be.forward(be.new_state(2), ids)
+        w4a4 = oracle.run(g64, params, ids)
+        weight_only = oracle.run(g64, params, ids, qopts=replace(DEFAULT_QUANT, act_quant=False))
+        monkeypatch.setattr(ops, "quant_act", _q8_0)
+        monkeypatch.setattr(interpreter, "quant_act", _q8_0)
+        q8 = oracle.run(g64, params, ids)
+    finally:
+        m.backend.close()
+    assert rel_max_abs(out, q8) <= TOLERANCES[("logits_rel_max_abs", "float32")].value
+    assert rel_max_abs(out, weight_only) > 1e-3  # measured 0.016: Q8_0 activations, not unquantized ones
+    assert kl_stats(w4a4, out)["kl"] > 0.05 and rel_max_abs(out, w4a4) > 0.05

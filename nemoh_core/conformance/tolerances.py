@@ -202,6 +202,12 @@ TOLERANCES: dict[tuple[str, str], Tol] = {
         ("layer_rel_rms", 0.05, "one layer in isolation on the executor's own input: single flips only"),
         ("greedy_tie_margin", 0.2, "2x logits_rel_max_abs"),
     )},
+    #    At bf16 the logits against the fp64 oracle are not judged when the oracle with its quantizers' inputs
+    #    rounded to bf16 is itself out of the bf16 rows (suites/logits.py: "undecidable"); the equivalences (two
+    #    paths of the same executor) are, with the bf16 rows, except where the cascade measurably exceeds one:
+    ("equiv_nmse", "bfloat16+actq"): Tol(
+        0.01, "151 decode steps against one prefill carry other bf16 roundings into the quantizers step after "
+              "step; measured 0.0020 (tiny-nvfp4-64, torch), <= 4.5e-6 on the other quantized presets; ~5x"),
 }
 
 #: a suffix of the dtype key chosen for the whole run by the model under test ("actq": its activations are

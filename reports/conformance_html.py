@@ -52,4 +52,9 @@ def render(report: dict[str, Any]) -> str:
     env.globals["bar"] = _bar
     template = env.from_string((files("nemoh.reports") / "templates" / "conformance.html.j2").read_text("utf-8"))
     cols = [f"{r['spec']}/{r['dtype']}" for r in report["runs"]]
-    return template.render(r=report, cols=cols, suites=[s["name"] for s in report["suites"]])
+    # the rows that judged this run: its dtypes, plain or of the model's variant (every row is in the JSON)
+    dts, var = {r["dtype"] for r in report["runs"]}, report["options"].get("tolerance_variant", "")
+    tols = [t for t in report["tolerances"] if t["dtype"].split("+")[0] in dts
+            and t["dtype"].partition("+")[2] in ("", var)]
+    return template.render(r=report, cols=cols, suites=[s["name"] for s in report["suites"]], tols=tols,
+                           tols_hidden=len(report["tolerances"]) - len(tols))

@@ -29,7 +29,7 @@ from nemoh.conformance.execute import (
 from nemoh.conformance.memory import PeakSampler, plan_memory
 from nemoh.conformance.isolation import Watchdog, abort_on_timeout, run_isolated
 from nemoh.conformance.references import Ctx, Reference, ShapeCtx
-from nemoh.conformance.tolerances import TOLERANCES, set_variant
+from nemoh.conformance.tolerances import TOLERANCES, set_variant, variant
 from nemoh.environment import environment
 from nemoh.errors import NemohError
 from nemoh.model.config import load_config
@@ -107,7 +107,8 @@ def run_conformance(model: str, backends: list[str], dtypes: list[str], suites: 
         "model": {"name": model, "path": str(path), "config": config.to_dict(), "pattern": config.pattern,
                   "params_total": g32.params_total},
         "environment": environment(argv, {"prompts": "torch.Generator(seed) per case; see each case's seed"}),
-        "options": {"case_timeout_s": timeout, "isolate": bool(isolate), "oracle": mem.oracle},
+        "options": {"case_timeout_s": timeout, "isolate": bool(isolate), "oracle": mem.oracle,
+                    "tolerance_variant": variant()},
         "memory": mem.to_json(),
         "oracle": ref.oracle_summary(),
         "tolerances": [{"metric": m, "dtype": d, "value": t.value, "reason": t.reason}

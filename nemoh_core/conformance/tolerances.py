@@ -220,6 +220,11 @@ def set_variant(key: str) -> None:
     _VARIANT["key"] = key
 
 
+def variant() -> str:
+    """The variant key in force ("" for the plain rows)."""
+    return _VARIANT["key"]
+
+
 def tol(metric: str, dtype: str) -> float | None:
     """The tolerance, or None where the table does not judge this metric at this dtype."""
     t = None

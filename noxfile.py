@@ -174,7 +174,8 @@ def llamacpp(session: nox.Session) -> None:
     (its build dominates: see docs/llamacpp.md), then its tests and the conformance of tiny-moe (or the
     presets given: `nox -s llamacpp -- tiny-nano-30b tiny-8b`) at F32 and at Q8_0 and Q4_K_M with the
     quant suite, then (without presets given) the ModelOpt presets at F32, into artifacts/llamacpp/.
-    `--isolate` on purpose: a GGML_ASSERT in llama.cpp must fail its case, not end the run. A FAIL found in llama.cpp is a result: it does not fail the session."""
+    `--isolate` on purpose: a GGML_ASSERT in llama.cpp must fail its case, not end the run. A FAIL found in
+    llama.cpp is a result: it does not fail the session."""
     session.install(TORCH)
     session.install("-e", ".[test,llamacpp]", env={
         "CMAKE_ARGS": "-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF",

@@ -50,7 +50,8 @@ def load_failed_result(case: Case, kind: str, reason: str, source: str) -> Resul
     if kind == "missing":
         return Result(case, Status.NOT_SUPPORTED, message=reason, details={"error_source": "environment"})
     if kind == "unsupported":  # the backend read the checkpoint and cannot run it (ModelNotSupported)
-        return Result(case, Status.NOT_SUPPORTED, message=reason, details={"error_source": source, "error_kind": "load"})
+        return Result(case, Status.NOT_SUPPORTED, message=reason,
+                      details={"error_source": source, "error_kind": "load"})
     who = "backend failed to load" if source == "backend" else f"loading the model failed ({source}, not the backend)"
     return Result(case, Status.FAIL, message=f"{who}: {reason}", details={"error_source": source, "error_kind": "load"})
 

@@ -255,7 +255,8 @@ def unsupported_reason(backend: Backend, graph: Graph, device: str | None = None
     if kv_cache is not None:
         q = capability(backend, f"quant_kv_{kv_cache}", graph.dtype)
         if not q.ok:
-            return f"backend '{backend.name}' cannot keep the {kv_cache.upper()} KV cache the checkpoint asks for: {q.reason}"
+            return (f"backend '{backend.name}' cannot keep the {kv_cache.upper()} KV cache the checkpoint asks for: "
+                    f"{q.reason}")
     by_reason: dict[str, list[str]] = {}
     for kind in sorted({op.kind for b in graph.blocks for op in b.ops}):
         answer = backend.supports(kind, graph.dtype)

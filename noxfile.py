@@ -191,9 +191,10 @@ def llamacpp(session: nox.Session) -> None:
     if session.posargs:
         return
     # the ModelOpt presets (issue 20), judged against the quantized fp64 oracle, the quant suite against the
-    # original: FP8 converts (weight-only: FAILs by design), NVFP4 with rows not a multiple of 64 is refused by the
-    # converter (exit 3: every case NOT_SUPPORTED with its line), tiny-nvfp4-64 converts and runs NVFP4 weights x
-    # Q8_0 activations (FAILs logits by design). ~2.5 min on 2 cores with an empty cache, most of it writing the presets
+    # original: FP8 converts (weight-only: its FAIL is a finding), NVFP4 with rows not a multiple of 64 is refused
+    # by the converter (exit 3: every case NOT_SUPPORTED with its line), tiny-nvfp4-64 converts and runs NVFP4
+    # weights x Q8_0 activations (its logits FAIL: a finding). ~2.5 min on 2 cores with an empty cache, most of it
+    # writing the presets
     quant = session.run("python", "-c", "from nemoh.model.presets import QUANT_SPECS; print(' '.join(QUANT_SPECS))",
                         silent=True).split()
     for preset in quant:

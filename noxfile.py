@@ -243,7 +243,7 @@ def quant(session: nox.Session) -> None:
     conformance of the torch executor on each quantized preset at float64 (the exact meaning) and float32,
     into artifacts/quant/."""
     install(session)
-    session.install("nvidia-modelopt", TORCH)  # the writer checked bit-exact against ModelOpt's own quantizers
+    session.install("nvidia-modelopt", "requests", TORCH)  # ModelOpt quantizers, CPU PTQ + export
     session.run("pytest", "-q", "-p", "no:cacheprovider", "-m", "slow or not slow", "tests/core/test_quant.py",
                 "tests/sensitivity/test_quant_sensitivity.py")
     out = Path("artifacts/quant")

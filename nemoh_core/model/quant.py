@@ -123,6 +123,19 @@ class QuantConfig:
                 "producer": self.producer, "source": self.source}
 
 
+def _strip_sentinel(pattern: str) -> str:
+    """An exclude pattern without the residue of ModelOpt's name sentinel (".\\x00modelopt_name_sentinel",
+    appended before its reverse transformers rename and stripped after). nvidia-modelopt 0.47.0 with
+    transformers 5.25 writes every pattern of a Nemotron-H export as "lm_head.\\x00backbone.pt_name_sentinel":
+    the `model.` -> `backbone.` rename rule's `.` eats the `o` of `modelopt`, so the strip misses. A module
+    name never holds NUL; what precedes ".\\x00" is the module, a trailing "*" / ".*" the wildcard ModelOpt
+    moved after the sentinel (docs/quantized-formats.md)."""
+    if "\x00" not in pattern:
+        return pattern
+    base = pattern.split("\x00", 1)[0].removesuffix(".")
+    return base + (".*" if pattern.endswith(".*") else "*" if pattern.endswith("*") else "")
+
+
 def parse_quant_config(raw: Any, source: str) -> QuantConfig:
     """A QuantConfig from hf_quant_config.json's object, or config.json's `quantization_config`."""
     if not isinstance(raw, dict):
@@ -139,6 +152,7 @@ def parse_quant_config(raw: Any, source: str) -> QuantConfig:
     ex = q.get("exclude_modules") or []
     if not isinstance(ex, list) or not all(isinstance(p, str) for p in ex):
         raise WeightsError(f"{source}: 'exclude_modules' must be a list of strings")
+    ex = [_strip_sentinel(p) for p in ex]
     kv = q.get("kv_cache_quant_algo")
     if kv is not None and not isinstance(kv, str):
         raise WeightsError(f"{source}: 'kv_cache_quant_algo' must be a string or null")

@@ -316,6 +316,44 @@ def test_writer_is_bit_exact_with_modelopt():
     assert sf.reshape(()).item() == s8.item()
 
 
+def test_modelopt_sentinel_residue_is_stripped_from_exclude_modules():
+    """nvidia-modelopt 0.47.0 (transformers 5.14 and 5.25) writes a Nemotron-H export's exclude_modules as
+    'lm_head.\\x00backbone.pt_name_sentinel' (its rename sentinel mangled): nemoh reads the module names."""
+    s = ".\x00backbone.pt_name_sentinel"
+    qc = parse_quant_config({"quantization": {"quant_algo": "NVFP4", "group_size": 16, "exclude_modules": [
+        "lm_head" + s, "backbone.layers.1.mixer.gate" + s, "backbone.layers.3.mixer" + s + ".*"]}}, "x")
+    assert qc.exclude_modules == ("lm_head", "backbone.layers.1.mixer.gate", "backbone.layers.3.mixer.*")
+    assert qc.format_of("lm_head.weight") is None and qc.format_of("layers.3.mixer.q_proj.weight") is None
+
+
+@pytest.mark.slow  # ModelOpt's own PTQ + export_hf_checkpoint on the CPU (docs/quantized-formats.md); nox -s quant
+@pytest.mark.parametrize("algo", ["NVFP4", "FP8"])
+def test_modelopt_export_is_read_and_the_torch_executor_matches_the_oracle(algo, tmp_path):
+    try:
+        import modelopt.torch.quantization as mtq
+        from modelopt.torch.export import export_hf_checkpoint
+    except ImportError:
+        pytest.skip("nvidia-modelopt is not installed (pip install nvidia-modelopt; CPU is enough)")
+    from transformers import AutoModelForCausalLM
+
+    from nemoh.conformance.runner import run_conformance
+
+    model = AutoModelForCausalLM.from_pretrained(P.cached_checkpoint(P.original_of("tiny-nvfp4-64")),
+                                                 dtype=torch.float32).eval()
+    ids = torch.randint(4, 512, (2, 96), generator=torch.Generator().manual_seed(20))
+    with torch.no_grad():
+        model = mtq.quantize(model, getattr(mtq, f"{algo}_DEFAULT_CFG"), lambda m: m(input_ids=ids))
+        export_hf_checkpoint(model, export_dir=tmp_path)
+    qc = read_quant_config(tmp_path)
+    assert qc is not None and qc.algo == algo and qc.producer.startswith("modelopt")
+    assert "lm_head" in qc.exclude_modules  # ModelOpt's defaults: lm_head, embeddings, conv1d, router (gate)
+    assert qc.format_of("layers.3.mixer.q_proj.weight") == algo.lower()  # attention quantized by default
+    for dtype in ("float64", "float32"):
+        report = run_conformance(str(tmp_path), ["torch"], [dtype], ["logits", "weights"], progress=False,
+                                 deviations=False)
+        assert report["summary"]["exit_code"] == 0, (dtype, report["summary"])
+
+
 def test_fp32_logits_pass_and_the_quant_suite_scores_against_the_unquantized_original():
     """At fp32 the float32+actq rows judge (the rounding cascade; docs/quantized-formats.md) and the run passes;
     the quant suite compares with the original."""

@@ -83,6 +83,7 @@ class QuantConfig:
     kv_cache_algo: str | None
     source: str  # the file it was read from
     producer: str = ""
+    repaired: tuple[str, ...] = ()  # exclude_modules entries as written, where nemoh read them repaired
 
     def __post_init__(self) -> None:
         if self.algo not in ALGOS:
@@ -152,13 +153,14 @@ def parse_quant_config(raw: Any, source: str) -> QuantConfig:
     ex = q.get("exclude_modules") or []
     if not isinstance(ex, list) or not all(isinstance(p, str) for p in ex):
         raise WeightsError(f"{source}: 'exclude_modules' must be a list of strings")
+    repaired = tuple(p for p in ex if _strip_sentinel(p) != p)
     ex = [_strip_sentinel(p) for p in ex]
     kv = q.get("kv_cache_quant_algo")
     if kv is not None and not isinstance(kv, str):
         raise WeightsError(f"{source}: 'kv_cache_quant_algo' must be a string or null")
     prod = raw.get("producer") if isinstance(raw.get("producer"), dict) else q.get("producer")
     producer = f"{prod.get('name', '?')} {prod.get('version', '')}".strip() if isinstance(prod, dict) else ""
-    return QuantConfig(algo.upper(), group, tuple(ex), kv.upper() if kv else None, source, producer)
+    return QuantConfig(algo.upper(), group, tuple(ex), kv.upper() if kv else None, source, producer, repaired)
 
 
 def quant_config_of(config: dict[str, Any], source: str) -> QuantConfig | None:

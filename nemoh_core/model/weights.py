@@ -179,6 +179,11 @@ class Checkpoint:
             self.entries.setdefault(name, []).append(Entry(f, key, expert))
         if ignored:
             self.notices.append(f"ignored {ignored} mtp.* tensors (the speculative multi-token head)")
+        if self.quant is not None and self.quant.repaired:
+            self.notices.append(f"{self.quant.source}: {len(self.quant.repaired)} exclude_modules entries carry the "
+                                f"residue of ModelOpt's name sentinel (e.g. {self.quant.repaired[0]!r}); read as "
+                                f"{', '.join(map(repr, self.quant.exclude_modules[:3]))}: an engine matching them "
+                                "literally quantizes what the producer excluded (docs/quantized-formats.md)")
         if self.quant is not None and self.quant.kv_cache_algo is not None:
             missing = sorted({n.split(".mixer.")[0] for n in self.entries if n.endswith("mixer.k_proj.weight")
                               and not (self.aux.get(aux_name(n, "k_scale")) and

@@ -316,7 +316,7 @@ def test_writer_is_bit_exact_with_modelopt():
     assert sf.reshape(()).item() == s8.item()
 
 
-def test_modelopt_sentinel_residue_is_stripped_from_exclude_modules():
+def test_modelopt_sentinel_residue_is_stripped_from_exclude_modules(nvfp4, tmp_path):
     """nvidia-modelopt 0.47.0 (transformers 5.14 and 5.25) writes a Nemotron-H export's exclude_modules as
     'lm_head.\\x00backbone.pt_name_sentinel' (its rename sentinel mangled): nemoh reads the module names."""
     s = ".\x00backbone.pt_name_sentinel"
@@ -324,6 +324,11 @@ def test_modelopt_sentinel_residue_is_stripped_from_exclude_modules():
         "lm_head" + s, "backbone.layers.1.mixer.gate" + s, "backbone.layers.3.mixer" + s + ".*"]}}, "x")
     assert qc.exclude_modules == ("lm_head", "backbone.layers.1.mixer.gate", "backbone.layers.3.mixer.*")
     assert qc.format_of("lm_head.weight") is None and qc.format_of("layers.3.mixer.q_proj.weight") is None
+    assert qc.repaired == ("lm_head" + s, "backbone.layers.1.mixer.gate" + s, "backbone.layers.3.mixer" + s + ".*")
+    path, hq = clone(nvfp4, tmp_path), json.loads((nvfp4 / "hf_quant_config.json").read_text())
+    hq["quantization"]["exclude_modules"] = [p + s for p in hq["quantization"]["exclude_modules"]]
+    (path / "hf_quant_config.json").write_text(json.dumps(hq))  # read, and the repair said out loud
+    assert any("residue of ModelOpt's name sentinel" in n for n in Checkpoint(path).notices)
 
 
 @pytest.mark.slow  # ModelOpt's own PTQ + export_hf_checkpoint on the CPU (docs/quantized-formats.md); nox -s quant

@@ -61,6 +61,27 @@ __device__ __forceinline__ float silu_f(float x) { return x / (1.f + expf(-x)); 
 __device__ __forceinline__ float softplus_f(float x) { return x > 20.f ? x : log1pf(expf(x)); }
 __device__ __forceinline__ float relu2_f(float x) { const float r = fmaxf(x, 0.f); return r * r; }
 
+// token rows a decode GEMV reads its weights once for (linear.cu, quant.cu; cupy_backend.GEMV_MMAX)
+#define GEMV_MMAX 8
+
+// a warp's GEMV epilogue for output row r: each token row's lane partials summed across the warp, rounded to
+// T, squared ReLU if `act` (rounded again), stored by lane 0 at y[m, r]
+template <typename T>
+__device__ __forceinline__ void gemv_store(const float* acc, int M, int lane, int act, T* __restrict__ y, int ldy,
+                                           int r) {
+#pragma unroll
+    for (int m = 0; m < GEMV_MMAX; ++m) {
+        if (m < M) {
+            const float s = warp_sum(acc[m]);
+            if (lane == 0) {
+                float v = round_t<T>(s);
+                if (act) v = relu2_f(v);
+                y[(i64)m * ldy + r] = from_f<T>(v);
+            }
+        }
+    }
+}
+
 // 16-byte vectors: 4 floats or 8 bf16 values
 template <typename T> struct Vec;
 template <> struct Vec<float> { static const int N = 4; };

@@ -3,8 +3,6 @@
 // accumulation) from the host.
 #include "common.cuh"
 
-#define GEMV_MMAX 8
-
 // grid ceil(R/8), block 256 = 8 warps, warp per output row r:
 //   y[m, r] = T(W[r, :] . x[m, :]) for m < M <= 8; act=1 applies squared ReLU (rounded again).
 template <typename T>
@@ -41,17 +39,7 @@ __device__ void gemv_impl(const T* __restrict__ W, const T* __restrict__ x, int 
                 if (m < M) acc[m] = fmaf(a, to_f(x[(i64)m * ldx + i]), acc[m]);
         }
     }
-#pragma unroll
-    for (int m = 0; m < GEMV_MMAX; ++m) {
-        if (m < M) {
-            const float s = warp_sum(acc[m]);
-            if (lane == 0) {
-                float v = round_t<T>(s);
-                if (act) v = relu2_f(v);
-                y[(i64)m * ldy + r] = from_f<T>(v);
-            }
-        }
-    }
+    gemv_store<T>(acc, M, lane, act, y, ldy, r);
 }
 
 // x[i] = T(relu(x[i])^2), in place (prefill epilogue after a cuBLAS up projection).

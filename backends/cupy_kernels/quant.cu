@@ -10,8 +10,6 @@
 // bf16 the fp32 step can differ from its direct rounding only by double rounding at a bf16 tie).
 #include "common.cuh"
 
-#define GEMV_MMAX 8
-
 // 16 weights of block b of row `qr`/`sr` (8 code bytes at qr + 8b, scale byte sr[b]), dequantized to T
 template <typename T>
 __device__ __forceinline__ void nvfp4_block(const unsigned char* __restrict__ qr, const unsigned char* __restrict__ sr,
@@ -73,17 +71,7 @@ __device__ void gemv_nvfp4_impl(const unsigned char* __restrict__ Wq, const unsi
             }
         }
     }
-#pragma unroll
-    for (int m = 0; m < GEMV_MMAX; ++m) {
-        if (m < M) {
-            const float s = warp_sum(acc[m]);
-            if (lane == 0) {
-                float v = round_t<T>(s);
-                if (act) v = relu2_f(v);
-                y[(i64)m * ldy + r] = from_f<T>(v);
-            }
-        }
-    }
+    gemv_store<T>(acc, M, lane, act, y, ldy, r);
 }
 
 // grid-stride over the nb16 blocks of 16 weights: W[16 i + j] = the dequantized weight (prefill: cuBLAS reads W)

@@ -434,15 +434,24 @@ class Checkpoint:
         return out
 
     def mismatches(self, loaded: dict[str, torch.Tensor]) -> list[str]:
-        """Names whose loaded tensor is not bit-equal to the file's tensor cast to the loaded dtype."""
+        """Names whose loaded tensor is not bit-equal to the file's tensor cast to the loaded dtype (a quantized
+        linear: its exact dequantization, compared up to the sign of zero: `unsigned_zero`)."""
         bad = []
         formats = {n: f for n, f in self.quant_formats_by_name().items() if n in loaded}
         for name, t in loaded.items():
             ref = (self.read(name) if name not in formats else self.dequantized(name, formats[name])).to(t.dtype)
             t = t.detach().to("cpu")
+            if name in formats:
+                ref, t = unsigned_zero(ref), unsigned_zero(t)
             if ref.shape != t.shape or not torch.equal(bit_pattern(ref), bit_pattern(t)):
                 bad.append(name)
         return bad
+
+
+def unsigned_zero(t: torch.Tensor) -> torch.Tensor:
+    """t with -0 as +0. A dequantized weight is a value: e2m1 has a -0 code (8), which nemoh's decoder keeps as
+    -0.0 and ggml's NVFP4 table (int8 values, 0 for code 8) gives as +0.0; the same weight either way."""
+    return torch.where(t == 0, torch.zeros_like(t), t)
 
 
 def stored_mismatches(checkpoint: Checkpoint, graph: Graph, read) -> tuple[int, list[str]]:

@@ -549,8 +549,7 @@ class CupyBackend:
         scales = {n: (f, s) for n, f in formats.items() if (s := tensors.pop(act_key(n, f), None)) is not None}
         scales |= {n: (formats[n], s) for n in packed if (s := checkpoint.read_aux(n, "input_scale")) is not None}
         # an FP8 KV cache (kv_cache_quant_algo): each attention layer's new K and V go through act_fp8 in place
-        kv_of = getattr(checkpoint, "kv_scales", None)  # nemoh-bench's in-memory weights have no quantization
-        kv = {key: checkpoint.read_kv(*where) for key, where in (kv_of(graph) if kv_of else {}).items()}
+        kv = {key: checkpoint.read_kv(*where) for key, where in checkpoint.kv_scales(graph).items()}
         for key in kv:
             tensors.pop(key, None)
         with self.dev.scope():
@@ -980,7 +979,7 @@ class CupyBackend:
             pos = self.dev.upload(pos_h.astype(np.int32))
             xg = self._empty((M * k, L), self.dtype)
             self._run(self._k("gather_rows"), _l((M * k,), (256,), "gather_rows"), xin, rows, xg, L)
-            eid = self.dev.upload(flat[order].astype(np.int32)) if aq_up or aq_dn else None  # sorted pairs' experts
+            eid = self.dev.upload(flat[order].astype(np.int32)) if aq_up is not None or aq_dn is not None else None
             if aq_up is not None:
                 self._act_quant(aq_up, xg, L, 1, eid, xg, L, M * k, L)
             start = 0

@@ -18,6 +18,7 @@ What runs where (docs/quantized-formats.md, cupy_kernels/NOTES.md):
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,10 +105,7 @@ def summary(graph: Graph, formats: dict[str, str], packed: dict[str, Packed], ac
         full = t.shape[0] * t.shape[1] * itemsize
         dense += full
         streamed += packed[t.name].nbytes if t.name in packed else full
-    counts: dict[str, int] = {}
-    for f in formats.values():
-        counts[f] = counts.get(f, 0) + 1
-    return {"formats": counts, "packed_nvfp4": sorted(packed), "bits_per_packed_weight": 4.5,
+    return {"formats": dict(Counter(formats.values())), "packed_nvfp4": sorted(packed), "bits_per_packed_weight": 4.5,
             "held_dequantized": sorted(n for n in formats if n not in packed),
             "activations_quantized": len(acts),
             "decode_linear_bytes_per_token": streamed, "decode_linear_bytes_per_token_unpacked": dense}

@@ -175,6 +175,10 @@ class RandomWeights:
         """A quantized linear's stored codes and scales: none (Checkpoint.stored's interface)."""
         return {}
 
+    def kv_scales(self, graph: Graph) -> dict[str, tuple[str, str]]:
+        """An FP8 KV cache's scales: none (Checkpoint.kv_scales' interface)."""
+        return {}
+
     def mismatches(self, loaded: dict[str, torch.Tensor]) -> list[str]:
         bad = []
         for name, t in loaded.items():

@@ -119,7 +119,6 @@ def write_random_checkpoint(config: dict[str, Any], out_dir: str | Path, *, seed
     return out
 
 
-
 def write_real_size(config_file: Path | None, preset: str | None, out_dir: str | Path, *, seed: int = 0,
                     dtype: str | None = None, num_layers: int | None = None,
                     max_shard_size: str | None = None) -> tuple[str, Path]:
